@@ -1,0 +1,3 @@
+from cgprocfs.cli import main
+
+raise SystemExit(main())

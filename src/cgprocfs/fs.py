@@ -1,0 +1,210 @@
+"""The FUSE layer: a static read-only tree of views, rendered once per open.
+
+It knows nothing about memory or CPUs: it maps an inode to a View, asks the Renderer
+what the opening pid sees, keeps those bytes for the file handle and serves slices.
+Every handler is wrapped so that nothing but FUSEError ever escapes: any other exception
+would end pyfuse3.main() and take /proc away from every container.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+
+from cgprocfs.views import Renderer, View
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+ROOT_INODE: int = pyfuse3.ROOT_INODE
+# The tree never changes while mounted: let the kernel cache names and attributes.
+CACHE_TIMEOUT = 3600.0
+
+
+def guarded(
+    handler: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    @functools.wraps(handler)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            log.exception("%s failed; answering EIO", handler.__name__)
+            ops = args[0]
+            if isinstance(ops, ViewsFS):
+                ops.stats.errors += 1
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+@dataclass
+class Node:
+    inode: int
+    name: bytes
+    parent: int
+    view: View | None = None  # None for directories
+    children: dict[bytes, int] = field(default_factory=dict)
+
+
+@dataclass
+class Stats:
+    opens: int = 0
+    errors: int = 0
+
+
+def build_tree(views: Sequence[View]) -> dict[int, Node]:
+    """Inode numbers follow the order of `views`, so they are stable across restarts."""
+    nodes = {ROOT_INODE: Node(ROOT_INODE, b"", ROOT_INODE)}
+    next_inode = ROOT_INODE + 1
+    for view in views:
+        parent = nodes[ROOT_INODE]
+        parts = view.path.split("/")
+        for i, part in enumerate(parts):
+            name = part.encode()
+            last = i == len(parts) - 1
+            inode = parent.children.get(name)
+            if inode is None:
+                inode = next_inode
+                next_inode += 1
+                nodes[inode] = Node(inode, name, parent.inode, view if last else None)
+                parent.children[name] = inode
+            parent = nodes[inode]
+    return nodes
+
+
+class ViewsFS(pyfuse3.Operations):
+    # pyfuse3 calls `flush` only if defined; leaving it out saves one round trip per close.
+
+    def __init__(self, renderer: Renderer, views: Sequence[View]) -> None:
+        super().__init__()
+        self.renderer = renderer
+        self.nodes = build_tree(views)
+        self.handles: dict[int, bytes] = {}
+        self._next_fh = 1
+        self.stats = Stats()
+        self.started = time.time()
+        self._uid = os.getuid()
+        self._gid = os.getgid()
+
+    def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.inode
+        a.generation = 0
+        a.entry_timeout = CACHE_TIMEOUT
+        a.attr_timeout = CACHE_TIMEOUT
+        if node.view is None:
+            a.st_mode = stat.S_IFDIR | 0o555
+            a.st_nlink = 2 + sum(
+                1 for c in node.children.values() if self.nodes[c].view is None
+            )
+        else:
+            # Size 0 like the kernel's /proc files; content is served with direct_io.
+            a.st_mode = stat.S_IFREG | 0o444
+            a.st_nlink = 1
+        a.st_size = 0
+        a.st_uid = self._uid
+        a.st_gid = self._gid
+        ns = int(self.started * 1e9)
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = ns
+        a.st_blksize = 4096
+        a.st_blocks = 0
+        return a
+
+    def _node(self, inode: int) -> Node:
+        node = self.nodes.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    @guarded
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        if name == b".":
+            return self._attr(parent)
+        if name == b"..":
+            return self._attr(self._node(parent.parent))
+        inode = parent.children.get(name)
+        if inode is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(self.nodes[inode])
+
+    @guarded
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attr(self._node(inode))
+
+    @guarded
+    async def setattr(
+        self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    @guarded
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        if self._node(inode).view is not None:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @guarded
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        node = self._node(fh)
+        entries = sorted(node.children.items())
+        for i, (name, inode) in enumerate(entries[start_id:], start=start_id + 1):
+            if not pyfuse3.readdir_reply(token, name, self._attr(self.nodes[inode]), i):
+                break
+
+    @guarded
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @guarded
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        if node.view is None:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_CREAT):
+            raise pyfuse3.FUSEError(errno.EACCES)
+        data = self.renderer.render(node.view, ctx.pid)
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = data
+        self.stats.opens += 1
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+
+    @guarded
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        data = self.handles.get(fh)
+        if data is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return data[off : off + size]
+
+    @guarded
+    async def release(self, fh: int) -> None:
+        self.handles.pop(fh, None)
+
+    @guarded
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        self._node(inode)
+        return not mode & os.W_OK
+
+    @guarded
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_namemax = 255
+        return s

@@ -1,0 +1,154 @@
+"""/proc/meminfo for a cgroup, and the memory figures every other view derives from.
+
+This is where MemTotal, MemFree, MemAvailable, Cached, SwapTotal, ... are computed
+(design.md §3). vmstat, swaps and the sysinfo(2) answer all take their numbers from
+`memory_figures`, so they agree with meminfo by construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from cgprocfs.snapshot import HostMemory, MemoryView, RenderOptions
+
+# Values that are equally true inside a container: sizes of host-wide pools and of the
+# kernel's address space, not anybody's usage.
+HOST_CONSTANTS = frozenset(
+    {
+        "VmallocTotal",
+        "Hugepagesize",
+        "HugePages_Total",
+        "HugePages_Free",
+        "HugePages_Rsvd",
+        "HugePages_Surp",
+        "Hugetlb",
+        "DirectMap4k",
+        "DirectMap2M",
+        "DirectMap4M",
+        "DirectMap1G",
+    }
+)
+
+# meminfo key -> (cgroup v2 memory.stat key, cgroup v1 memory.stat key or None).
+# v1 keys are looked up with their hierarchical `total_` prefix first.
+STAT_FIELDS: dict[str, tuple[str, str | None]] = {
+    "SwapCached": ("swapcached", "swapcached"),
+    "Active(anon)": ("active_anon", "active_anon"),
+    "Inactive(anon)": ("inactive_anon", "inactive_anon"),
+    "Active(file)": ("active_file", "active_file"),
+    "Inactive(file)": ("inactive_file", "inactive_file"),
+    "Unevictable": ("unevictable", "unevictable"),
+    "AnonPages": ("anon", "rss"),
+    "Mapped": ("file_mapped", "mapped_file"),
+    "Shmem": ("shmem", "shmem"),
+    "Dirty": ("file_dirty", "dirty"),
+    "Writeback": ("file_writeback", "writeback"),
+    "Slab": ("slab", None),
+    "SReclaimable": ("slab_reclaimable", None),
+    "SUnreclaim": ("slab_unreclaimable", None),
+    "KReclaimable": ("slab_reclaimable", None),
+    "KernelStack": ("kernel_stack", None),
+    "PageTables": ("pagetables", None),
+    "SecPageTables": ("sec_pagetables", None),
+    "Percpu": ("percpu", None),
+    "AnonHugePages": ("anon_thp", "rss_huge"),
+    "ShmemHugePages": ("shmem_thp", None),
+    "FileHugePages": ("file_thp", None),
+    "Zswap": ("zswap", None),
+    "Zswapped": ("zswapped", None),
+}
+
+
+def stat_value(view: MemoryView, v2_key: str, v1_key: str | None) -> int:
+    """One memory.stat figure in bytes, by exact key (never by prefix), 0 if absent."""
+    stat = view.stat
+    if view.version == 2:
+        return max(0, stat.get(v2_key, 0))
+    if v1_key is None:
+        return 0
+    value = stat.get("total_" + v1_key)
+    if value is None:
+        value = stat.get(v1_key, 0)
+    return max(0, value)
+
+
+def memory_figures(host: HostMemory, view: MemoryView, opts: RenderOptions) -> dict[str, int]:
+    """Every meminfo field for `view`, in kB (HugePages_* counts as the host has them).
+
+    Guarantees 0 <= MemFree <= MemAvailable <= MemTotal, MemFree <= host MemFree,
+    MemAvailable <= host MemAvailable, SwapFree <= SwapTotal,
+    Buffers + Cached + SReclaimable <= MemTotal.
+    """
+    hm = host.meminfo_kb
+    host_total = hm.get("MemTotal", 0) * 1024
+    host_free = hm.get("MemFree", 0) * 1024
+    host_avail = hm.get("MemAvailable", hm.get("MemFree", 0)) * 1024
+    host_swap_total = hm.get("SwapTotal", 0) * 1024
+    host_swap_free = hm.get("SwapFree", 0) * 1024
+
+    total = host_total if view.limit is None else min(view.limit, host_total)
+    free = min(max(0, total - view.usage), host_free)
+
+    def s(v2: str, v1: str | None) -> int:
+        return stat_value(view, v2, v1)
+
+    reclaimable = s("active_file", "active_file") + s("inactive_file", "inactive_file")
+    reclaimable += s("slab_reclaimable", None)
+    avail = min(free + reclaimable, total, host_avail)
+    free = min(free, avail)
+
+    out: dict[str, int] = {k: min(s(v2, v1), total) for k, (v2, v1) in STAT_FIELDS.items()}
+    out["Active"] = min(out["Active(anon)"] + out["Active(file)"], total)
+    out["Inactive"] = min(out["Inactive(anon)"] + out["Inactive(file)"], total)
+    # The kernel's Cached excludes the swap cache; v2's `file` counts it, v1's `cache` not.
+    v2_cached = s("file", None) - s("swapcached", None)
+    cached = v2_cached if view.version == 2 else s("cache", "cache")
+    # Buffers is 0: a cgroup has no separate buffer figure; block-device pages are in Cached.
+    out["Buffers"] = 0
+    out["Cached"] = max(0, min(cached, total - out["SReclaimable"]))
+
+    if opts.hide_swap:
+        swap_total = swap_free = 0
+    else:
+        swap_total = (
+            host_swap_total if view.swap_limit is None
+            else min(view.swap_limit, host_swap_total)
+        )
+        swap_free = min(max(0, swap_total - view.swap_usage), host_swap_free, swap_total)
+
+    out.update(MemTotal=total, MemFree=free, MemAvailable=avail,
+               SwapTotal=swap_total, SwapFree=swap_free)
+    kb = {k: v // 1024 for k, v in out.items()}
+
+    # The kernel's CommitLimit is MemTotal * overcommit_ratio / 100 + SwapTotal; recover
+    # the ratio from the host's own figures so no extra file is read.
+    host_total_kb = hm.get("MemTotal", 0)
+    if host_total_kb > 0 and "CommitLimit" in hm:
+        ratio = max(0, hm["CommitLimit"] - hm.get("SwapTotal", 0)) / host_total_kb
+        kb["CommitLimit"] = int(kb["MemTotal"] * ratio) + kb["SwapTotal"]
+    for key in HOST_CONSTANTS:
+        if key in hm:
+            kb[key] = hm[key]
+    return kb
+
+
+def render_meminfo(host: HostMemory, view: MemoryView, opts: RenderOptions) -> bytes:
+    return render_like_host(host.meminfo_text, memory_figures(host, view, opts))
+
+
+def render_like_host(template: str, values: Mapping[str, int]) -> bytes:
+    """The host's meminfo with each number replaced (0 where `values` has none), keeping
+    its keys, order, column alignment and units, so every parser keeps working."""
+    lines = []
+    for line in template.splitlines():
+        key, sep, rest = line.partition(":")
+        if not sep:
+            lines.append(line)
+            continue
+        stripped = rest.lstrip(" ")
+        number, _, suffix = stripped.partition(" ")
+        width = len(rest) - len(stripped) + len(number)
+        new = str(values.get(key, 0))
+        pad = max(1, width - len(new))
+        lines.append(f"{key}:{' ' * pad}{new}{' ' + suffix if suffix else ''}")
+    return ("\n".join(lines) + "\n").encode()

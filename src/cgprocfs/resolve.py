@@ -1,0 +1,236 @@
+"""Which cgroup speaks for a caller (design.md §2), and reading its memory figures.
+
+- effective limit: the minimum limit on the path from the caller's cgroup to the root;
+- view cgroup: the (topmost) cgroup on that path carrying the effective limit, or, with no
+  limit anywhere, the container's cgroup: the cgroup of the init of the caller's pid
+  namespace without a trailing /init.scope (the caller's own cgroup in the host pid ns);
+- callers in the root cgroup get the host's files (`memory_view` returns None).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from cgprocfs.cgroups import Hierarchy, Layout, ancestors, read_proc_cgroup, read_small
+from cgprocfs.snapshot import (
+    HostMemory,
+    MemoryView,
+    OddCgroupData,
+    parse_count,
+    parse_flat_keyed,
+    parse_limit,
+    parse_meminfo,
+)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What one open renders from. `memory` None means: serve the host's own file."""
+
+    host: HostMemory
+    memory: MemoryView | None
+
+
+def _read_optional(path: str) -> str | None:
+    try:
+        return read_small(path)
+    except FileNotFoundError:
+        return None
+
+
+def _limit_at(path: str) -> int | None:
+    text = _read_optional(path)
+    return None if text is None else parse_limit(text)
+
+
+def memory_view_for_path(h: Hierarchy, path: str, container: str) -> MemoryView | None:
+    """Read the memory figures that speak for a caller in cgroup `path` of hierarchy `h`.
+
+    `container` is the cgroup to report when nothing on the path is limited. Raises
+    OSError or OddCgroupData when the cgroup's files are missing or do not parse.
+    """
+    chain: list[tuple[str, str]] = []
+    for p in ancestors(path):
+        if p == "/":
+            break  # the root cgroup cannot be limited
+        d = h.directory(p)
+        if d is None:
+            break
+        chain.append((p, d))
+    if h.version == 2:
+        return _v2_view(h, chain, container)
+    return _v1_view(h, chain, container)
+
+
+def _pick(
+    chain: list[tuple[str, str]], limit_file: str, swap_file: str
+) -> tuple[int | None, str | None, int | None]:
+    """Walk from the caller up: (min limit, topmost cgroup carrying it, min swap limit)."""
+    best: int | None = None
+    best_path: str | None = None
+    swap_best: int | None = None
+    for p, d in chain:
+        lim = _limit_at(f"{d}/{limit_file}")
+        if lim is not None and (best is None or lim <= best):
+            best, best_path = lim, p
+        sw = _limit_at(f"{d}/{swap_file}")
+        if sw is not None and (swap_best is None or sw < swap_best):
+            swap_best = sw
+    return best, best_path, swap_best
+
+
+def _view_dir(h: Hierarchy, best_path: str | None, container: str) -> tuple[str, str] | None:
+    view_path = best_path or container
+    if view_path == "/":
+        return None
+    d = h.directory(view_path)
+    if d is None:
+        raise OddCgroupData(f"cgroup {view_path} is outside the mounted hierarchy")
+    return view_path, d
+
+
+def _v2_view(h: Hierarchy, chain: list[tuple[str, str]], container: str) -> MemoryView | None:
+    limit, best_path, swap_limit = _pick(chain, "memory.max", "memory.swap.max")
+    where = _view_dir(h, best_path, container)
+    if where is None:
+        return None
+    view_path, d = where
+    usage_text = _read_optional(f"{d}/memory.current")
+    if usage_text is None:
+        raise OddCgroupData(f"{view_path} has no memory.current (memory controller off)")
+    usage = parse_count(usage_text)
+    stat = parse_flat_keyed(read_small(f"{d}/memory.stat"))
+    swap_text = _read_optional(f"{d}/memory.swap.current")
+    swap_usage = parse_count(swap_text) if swap_text is not None else 0
+    events_text = _read_optional(f"{d}/memory.events")
+    events = parse_flat_keyed(events_text) if events_text is not None else {}
+    return MemoryView(
+        version=2, cgroup=view_path, limit=limit, usage=usage, stat=stat,
+        swap_limit=swap_limit, swap_usage=swap_usage,
+        oom_kill=events.get("oom_kill", 0), events=events,
+    )
+
+
+def _v1_view(h: Hierarchy, chain: list[tuple[str, str]], container: str) -> MemoryView | None:
+    limit, best_path, memsw_limit = _pick(
+        chain, "memory.limit_in_bytes", "memory.memsw.limit_in_bytes"
+    )
+    where = _view_dir(h, best_path, container)
+    if where is None:
+        return None
+    view_path, d = where
+    usage = parse_count(read_small(f"{d}/memory.usage_in_bytes"))
+    stat = parse_flat_keyed(read_small(f"{d}/memory.stat"))
+    memsw_text = _read_optional(f"{d}/memory.memsw.usage_in_bytes")
+    if memsw_text is not None:
+        swap_usage = max(0, parse_count(memsw_text) - usage)
+    else:
+        swap_usage = stat.get("total_swap", stat.get("swap", 0))
+    if memsw_limit is None:
+        swap_limit = None
+    elif limit is None:
+        swap_limit = memsw_limit
+    else:
+        swap_limit = max(0, memsw_limit - limit)
+    oom_text = _read_optional(f"{d}/memory.oom_control")
+    oom = parse_flat_keyed(oom_text) if oom_text is not None else {}
+    return MemoryView(
+        version=1, cgroup=view_path, limit=limit, usage=usage, stat=stat,
+        swap_limit=swap_limit, swap_usage=swap_usage, oom_kill=oom.get("oom_kill", 0),
+    )
+
+
+def _ppid(proc: str, pid: int) -> int:
+    stat = read_small(f"{proc}/{pid}/stat")
+    # The command name may contain spaces and parentheses: fields start after the last ')'.
+    return int(stat[stat.rindex(")") + 2 :].split(" ", 2)[1])
+
+
+class Resolver:
+    """Turns a caller pid into a Snapshot. One per daemon; holds only small caches."""
+
+    def __init__(self, layout: Layout, proc: str = "/proc") -> None:
+        self.layout = layout
+        self.memory = layout.for_controller("memory")
+        self.proc = proc
+        self.own_pidns = os.readlink(f"{proc}/self/ns/pid")
+        # pid namespace -> its init's pid; validated on use, so pid reuse cannot mislead.
+        self._ns_init: dict[str, int] = {}
+        with open(f"{proc}/vmstat") as f:
+            self.vmstat_keys = tuple(line.split(" ", 1)[0] for line in f if line.strip())
+        with open(f"{proc}/swaps") as f:
+            self.swaps_header = f.readline()
+
+    def host_memory(self) -> HostMemory:
+        text = read_small(f"{self.proc}/meminfo")
+        return HostMemory(
+            meminfo_text=text, meminfo_kb=parse_meminfo(text),
+            vmstat_keys=self.vmstat_keys, swaps_header=self.swaps_header,
+        )
+
+    def snapshot(self, pid: int) -> Snapshot:
+        """Everything needed to render the memory views for `pid`. Raises OSError or
+        OddCgroupData when the caller or its cgroup cannot be read."""
+        host = self.host_memory()
+        return Snapshot(host, self.memory_view(pid))
+
+    def memory_view(self, pid: int) -> MemoryView | None:
+        h = self.memory
+        if h is None or pid <= 0:
+            return None
+        path = read_proc_cgroup(pid, self.proc).path_in(h)
+        if path is None or path == "/" or h.directory(path) is None:
+            return None
+        return memory_view_for_path(h, path, self.container_path(pid, h, path))
+
+    def container_path(self, pid: int, h: Hierarchy, own_path: str) -> str:
+        """The caller's container cgroup: its pid namespace init's cgroup, minus a
+        trailing /init.scope; its own cgroup in the host pid namespace."""
+        init = self.namespace_init(pid)
+        if init is None or init == pid:
+            return own_path
+        try:
+            path = read_proc_cgroup(init, self.proc).path_in(h)
+        except OSError:
+            return own_path
+        if path is None:
+            return own_path
+        if path.endswith("/init.scope"):
+            path = path[: -len("/init.scope")] or "/"
+        # Only an ancestor of the caller may speak for it.
+        if path == "/" or not (own_path == path or own_path.startswith(path + "/")):
+            return own_path
+        return path
+
+    def namespace_init(self, pid: int) -> int | None:
+        proc = self.proc
+        ns = os.readlink(f"{proc}/{pid}/ns/pid")
+        if ns == self.own_pidns:
+            return None
+        cached = self._ns_init.get(ns)
+        if cached is not None:
+            try:
+                # A live namespace keeps its init alive, so a cached pid still in `ns`
+                # is still its init (or at worst a process of the same container).
+                if os.readlink(f"{proc}/{cached}/ns/pid") == ns:
+                    return cached
+            except OSError:
+                pass
+            del self._ns_init[ns]
+        cur = pid
+        for _ in range(4096):
+            ppid = _ppid(proc, cur)
+            if ppid <= 0:
+                break
+            try:
+                if os.readlink(f"{proc}/{ppid}/ns/pid") != ns:
+                    break
+            except OSError:
+                break
+            cur = ppid
+        if len(self._ns_init) > 4096:
+            self._ns_init.clear()
+        self._ns_init[ns] = cur
+        return cur
+

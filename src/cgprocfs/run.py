@@ -1,0 +1,252 @@
+"""`cgprocfs run`: run a command in a transient cgroup with the views bound over /proc.
+
+The command runs in a private mount namespace where each served view is bind-mounted
+over the file it replaces; the cgroup is created beneath the caller's own cgroup (v1) or
+beside it (v2, whose no-internal-processes rule forbids a child of a populated leaf), and
+removed afterwards, together with a private daemon if none was serving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cgprocfs.cgroups import Hierarchy, load_layout, read_proc_cgroup
+from cgprocfs.serve import DEFAULT_MOUNTPOINT, lazy_unmount, mounted_at
+from cgprocfs.views import VIEWS
+
+log = logging.getLogger(__name__)
+
+CLONE_NEWNS = 0x00020000
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+
+
+class RunError(Exception):
+    pass
+
+
+def parse_size(text: str) -> int:
+    """`256M`, `1.5G`, `512MiB`, `268435456` -> bytes (binary multiples, like Docker)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (try 256M, 1G, 268435456)")
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+@dataclass
+class TransientCgroup:
+    hierarchy: Hierarchy
+    directory: str
+
+    @classmethod
+    def create(cls, h: Hierarchy, memory: int | None, memory_swap: int | None) -> TransientCgroup:
+        own = read_proc_cgroup(os.getpid()).path_in(h) or "/"
+        beside = h.version == 2 and own != "/"
+        parent = (own.rsplit("/", 1)[0] or "/") if beside else own
+        parent_dir = h.directory(parent)
+        if parent_dir is None:
+            raise RunError(f"cgroup {parent} is not visible under {h.mountpoint}")
+        if h.version == 2:
+            try:
+                _write(os.path.join(parent_dir, "cgroup.subtree_control"), "+memory")
+            except OSError as exc:
+                log.debug("enabling +memory in %s: %s", parent_dir, exc)
+        directory = os.path.join(parent_dir, f"cgprocfs-run-{os.getpid()}")
+        os.mkdir(directory)
+        cg = cls(h, directory)
+        try:
+            cg.set_limits(memory, memory_swap)
+        except BaseException:
+            cg.destroy()
+            raise
+        return cg
+
+    def set_limits(self, memory: int | None, memory_swap: int | None) -> None:
+        d = self.directory
+        if memory_swap is not None and memory is None:
+            raise RunError("--memory-swap needs --memory")
+        if memory_swap is not None and memory is not None and memory_swap < memory:
+            raise RunError("--memory-swap is memory plus swap: it cannot be below --memory")
+        if self.hierarchy.version == 2:
+            if memory is not None:
+                _write(f"{d}/memory.max", str(memory))
+            if memory_swap is not None and memory is not None:
+                _write(f"{d}/memory.swap.max", str(memory_swap - memory))
+        else:
+            if memory is not None:
+                _write(f"{d}/memory.limit_in_bytes", str(memory))
+            if memory_swap is not None:
+                if not os.path.exists(f"{d}/memory.memsw.limit_in_bytes"):
+                    raise RunError("--memory-swap: this kernel has no swap accounting "
+                                   "(boot with swapaccount=1)")
+                _write(f"{d}/memory.memsw.limit_in_bytes", str(memory_swap))
+
+    def procs(self) -> list[int]:
+        try:
+            with open(f"{self.directory}/cgroup.procs") as f:
+                return [int(x) for x in f.read().split()]
+        except FileNotFoundError:
+            return []
+
+    def destroy(self) -> None:
+        """Kill whatever is left in the cgroup and remove it."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            pids = self.procs()
+            if not pids:
+                try:
+                    os.rmdir(self.directory)
+                    return
+                except FileNotFoundError:
+                    return
+                except OSError:
+                    pass  # EBUSY until the last task is reaped
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+        log.error("could not remove %s: processes remain %s", self.directory, self.procs())
+
+
+def serving_mountpoint(path: str = DEFAULT_MOUNTPOINT) -> bool:
+    """True if a live cgprocfs serves `path`."""
+    try:
+        if mounted_at(path) != "fuse.cgprocfs":
+            return False
+        os.stat(os.path.join(path, VIEWS[0].path))
+        return True
+    except OSError:
+        return False
+
+
+class PrivateDaemon:
+    """A `cgprocfs serve` on a temporary mountpoint, for the life of one `run`."""
+
+    def __init__(self) -> None:
+        base = "/run/cgprocfs" if os.path.isdir("/run") else None
+        if base:
+            os.makedirs(base, exist_ok=True)
+        self.dir = tempfile.mkdtemp(prefix="run-", dir=base)
+        self.mountpoint = os.path.join(self.dir, "mnt")
+        self.log_path = os.path.join(self.dir, "daemon.log")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, extra_args: Sequence[str] = ()) -> None:
+        with open(self.log_path, "wb") as logf:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "cgprocfs", "serve", *extra_args, self.mountpoint],
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if serving_mountpoint(self.mountpoint):
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        with open(self.log_path, errors="replace") as f:
+            tail = f.read()[-2000:]
+        self.stop()
+        raise RunError(f"the private cgprocfs daemon did not come up:\n{tail}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if mounted_at(self.mountpoint) is not None:
+            try:
+                lazy_unmount(self.mountpoint)
+            except OSError as exc:
+                log.error("could not unmount %s: %s", self.mountpoint, exc)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _enter(procs_file: str, binds: list[tuple[str, str]]) -> None:
+    """In the child, between fork and exec: join the cgroup, get a private mount
+    namespace, bind the views over the files they replace."""
+    _write(procs_file, str(os.getpid()))
+    libc = _libc()
+    _check(libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    _check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
+    for source, target in binds:
+        if os.path.exists(target):
+            _check(libc.mount(source.encode(), target.encode(), None, MS_BIND, None),
+                   f"bind {source} over {target}")
+
+
+def run(cmd: Sequence[str], memory: int | None, memory_swap: int | None,
+        serve_args: Sequence[str] = ()) -> int:
+    if os.geteuid() != 0:
+        raise RunError("cgprocfs run must run as root (it creates cgroups and mounts)")
+    if not cmd:
+        raise RunError("no command given (cgprocfs run --memory 256M -- CMD ...)")
+    h = load_layout().for_controller("memory")
+    if h is None:
+        raise RunError("no memory cgroup controller is mounted")
+    daemon: PrivateDaemon | None = None
+    if serving_mountpoint(DEFAULT_MOUNTPOINT) and not serve_args:
+        mountpoint = DEFAULT_MOUNTPOINT
+    else:
+        daemon = PrivateDaemon()
+        daemon.start(serve_args)
+        mountpoint = daemon.mountpoint
+    cg: TransientCgroup | None = None
+    try:
+        cg = TransientCgroup.create(h, memory, memory_swap)
+        binds = [(os.path.join(mountpoint, v.path), v.host_path) for v in VIEWS]
+        procs_file = os.path.join(cg.directory, "cgroup.procs")
+        try:
+            child = subprocess.Popen(list(cmd), preexec_fn=lambda: _enter(procs_file, binds))
+        except FileNotFoundError as exc:
+            raise RunError(f"command not found: {cmd[0]}") from exc
+        forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+        previous = {s: signal.signal(s, lambda signum, _f: child.send_signal(signum))
+                    for s in forwarded}
+        try:
+            rc = child.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return 128 - rc if rc < 0 else rc
+    finally:
+        if cg is not None:
+            cg.destroy()
+        if daemon is not None:
+            daemon.stop()

@@ -1,0 +1,112 @@
+"""Immutable snapshots: everything one rendering needs, read once per open.
+
+A snapshot is plain data. Renderers turn it into bytes without any I/O, so the same
+snapshot always renders the same files and the files can never disagree.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+# v1 reports "no limit" as PAGE_COUNTER_MAX rounded to pages (9223372036854771712 on 4 KiB
+# pages); anything this large is treated as unlimited on either version.
+UNLIMITED_THRESHOLD = 1 << 62
+
+
+class OddCgroupData(ValueError):
+    """A cgroup file was missing or did not parse: the open falls back to the host file."""
+
+
+@dataclass(frozen=True)
+class HostMemory:
+    """The host's own files. `meminfo_text` is also the template for key order and layout."""
+
+    meminfo_text: str
+    meminfo_kb: Mapping[str, int]
+    vmstat_keys: tuple[str, ...] = ()
+    swaps_header: str = "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n"
+    page_size: int = PAGE_SIZE
+
+
+@dataclass(frozen=True)
+class MemoryView:
+    """Memory figures of the cgroup that speaks for a caller (design.md §2).
+
+    Byte values throughout. `limit` is the minimum limit on the caller's path (None when
+    nothing on the path is limited). `stat` holds memory.stat as the kernel wrote it
+    (v1 keeps its `total_` prefixes; the renderer picks the right keys per version).
+    """
+
+    version: int
+    cgroup: str
+    limit: int | None
+    usage: int
+    stat: Mapping[str, int]
+    swap_limit: int | None  # bytes of swap the cgroup may use (v1: memsw limit - mem limit)
+    swap_usage: int
+    oom_kill: int = 0
+    events: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    hide_swap: bool = False
+
+
+def parse_flat_keyed(text: str) -> dict[str, int]:
+    """`key value` lines (memory.stat, memory.events, vmstat). Unparsable lines are skipped."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            try:
+                out[parts[0]] = int(parts[1])
+            except ValueError:
+                continue
+    return out
+
+
+def parse_meminfo(text: str) -> dict[str, int]:
+    """/proc/meminfo as {key: value}; values in kB (or pages for HugePages_ counts)."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        key, sep, rest = line.partition(":")
+        if not sep:
+            continue
+        parts = rest.split()
+        if parts:
+            try:
+                out[key] = int(parts[0])
+            except ValueError:
+                continue
+    return out
+
+
+def parse_limit(text: str) -> int | None:
+    """A limit file: a byte count, `max` (v2) or v1's huge 'unlimited'. None = unlimited."""
+    value = text.strip()
+    if value == "max":
+        return None
+    try:
+        n = int(value)
+    except ValueError as exc:
+        raise OddCgroupData(f"unparsable limit {value[:40]!r}") from exc
+    if n < 0:
+        raise OddCgroupData(f"negative limit {n}")
+    if n >= UNLIMITED_THRESHOLD:
+        return None
+    return n
+
+
+def parse_count(text: str) -> int:
+    try:
+        n = int(text.strip())
+    except ValueError as exc:
+        raise OddCgroupData(f"unparsable counter {text.strip()[:40]!r}") from exc
+    if n < 0:
+        raise OddCgroupData(f"negative counter {n}")
+    return n

@@ -1,0 +1,67 @@
+"""The files cgprocfs serves: one table, used by the FUSE layer, `show`, `run` and
+`docker-args`, so the list of views never drifts between them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cgprocfs.cgroups import read_small
+from cgprocfs.render.meminfo import render_meminfo
+from cgprocfs.render.swaps import render_swaps
+from cgprocfs.render.vmstat import render_vmstat
+from cgprocfs.resolve import Resolver
+from cgprocfs.snapshot import HostMemory, MemoryView, OddCgroupData, RenderOptions
+
+log = logging.getLogger(__name__)
+
+MemoryRenderer = Callable[[HostMemory, MemoryView, RenderOptions], bytes]
+
+
+@dataclass(frozen=True)
+class View:
+    path: str  # inside the mount, e.g. "proc/meminfo"
+    host_path: str  # the file it replaces, e.g. "/proc/meminfo"
+    render: MemoryRenderer
+
+
+VIEWS: tuple[View, ...] = (
+    View("proc/meminfo", "/proc/meminfo", render_meminfo),
+    View("proc/vmstat", "/proc/vmstat", render_vmstat),
+    View("proc/swaps", "/proc/swaps", render_swaps),
+)
+VIEWS_BY_PATH = {v.path: v for v in VIEWS}
+
+
+class Renderer:
+    """Renders a view for a caller pid; falls back to the host's file when the caller or
+    its cgroup cannot be read (logged once per cgroup), never to anybody else's numbers."""
+
+    def __init__(self, resolver: Resolver, opts: RenderOptions | None = None) -> None:
+        self.resolver = resolver
+        self.opts = opts or RenderOptions()
+        self._warned: set[str] = set()
+        self.fallbacks = 0
+
+    def render(self, view: View, pid: int) -> bytes:
+        try:
+            snap = self.resolver.snapshot(pid)
+        except (OSError, OddCgroupData) as exc:
+            self.fallbacks += 1
+            self._warn_once(pid, exc)
+            return read_small(view.host_path).encode()
+        if snap.memory is None:
+            return read_small(view.host_path).encode()
+        return view.render(snap.host, snap.memory, self.opts)
+
+    def _warn_once(self, pid: int, exc: Exception) -> None:
+        try:
+            key = read_small(f"/proc/{pid}/cgroup")
+        except OSError:
+            key = "<caller gone>"
+        if key not in self._warned:
+            if len(self._warned) > 10000:
+                self._warned.clear()
+            self._warned.add(key)
+            log.warning("pid %d: serving the host file: %s: %s", pid, type(exc).__name__, exc)
