@@ -1,0 +1,251 @@
+"""Real parts for the tests: cgroups, a mounted daemon, commands run with the views bound
+over /proc in a private mount namespace. Built on util-linux (unshare, mount) and plain
+cgroup files, not on the code under test, so the tests check cgprocfs from outside."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+VIEW_FILES = ("proc/meminfo", "proc/vmstat", "proc/swaps")
+MiB = 1 << 20
+
+
+def mountinfo_fstypes() -> dict[str, str]:
+    out = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            out[left.split()[4]] = right.split()[0]
+    return out
+
+
+def memory_hierarchy() -> tuple[int, str]:
+    """(cgroup version, mountpoint) of the hierarchy holding the memory controller."""
+    v2 = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, rfields = left.split(), right.split()
+            if rfields[0] == "cgroup" and "memory" in rfields[2].split(","):
+                return 1, fields[4]
+            if rfields[0] == "cgroup2" and v2 is None:
+                v2 = fields[4]
+    if v2 and "memory" in Path(v2, "cgroup.controllers").read_text().split():
+        return 2, v2
+    raise RuntimeError("no memory cgroup controller mounted")
+
+
+def own_cgroup_path(version: int) -> str:
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, ctrls, path = line.split(":", 2)
+        if (version == 2 and ctrls == "") or (version == 1 and "memory" in ctrls.split(",")):
+            return path
+    raise RuntimeError("no memory cgroup in /proc/self/cgroup")
+
+
+@dataclass
+class Cgroup:
+    version: int
+    dir: Path
+    children: list[Cgroup] = field(default_factory=list)
+
+    @property
+    def path(self) -> str:
+        """Path as /proc/PID/cgroup shows it."""
+        _, mnt = memory_hierarchy()
+        return "/" + str(self.dir.relative_to(mnt)) if self.dir != Path(mnt) else "/"
+
+    def set_limit(self, limit: int | None) -> None:
+        if limit is None:
+            return
+        name = "memory.max" if self.version == 2 else "memory.limit_in_bytes"
+        (self.dir / name).write_text(str(limit))
+
+    def set_swap(self, memory_plus_swap: int, memory: int) -> None:
+        if self.version == 2:
+            (self.dir / "memory.swap.max").write_text(str(memory_plus_swap - memory))
+        else:
+            (self.dir / "memory.memsw.limit_in_bytes").write_text(str(memory_plus_swap))
+
+    def read(self, name: str) -> str:
+        return (self.dir / name).read_text()
+
+    def usage(self) -> int:
+        return int(self.read("memory.current" if self.version == 2 else "memory.usage_in_bytes"))
+
+    def stat(self) -> dict[str, int]:
+        return {k: int(v) for k, v in (ln.split() for ln in self.read("memory.stat").splitlines())}
+
+    def child(self, name: str, limit: int | None = None) -> Cgroup:
+        if self.version == 2:
+            with contextlib.suppress(OSError):
+                (self.dir / "cgroup.subtree_control").write_text("+memory")
+        d = self.dir / name
+        d.mkdir()
+        cg = Cgroup(self.version, d)
+        self.children.append(cg)
+        cg.set_limit(limit)
+        return cg
+
+    def procs(self) -> list[int]:
+        try:
+            return [int(x) for x in self.read("cgroup.procs").split()]
+        except FileNotFoundError:
+            return []
+
+    def remove(self) -> None:
+        for c in reversed(self.children):
+            c.remove()
+        deadline = time.monotonic() + 10
+        while self.dir.exists() and time.monotonic() < deadline:
+            for pid in self.procs():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            try:
+                self.dir.rmdir()
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.05)
+        assert not self.dir.exists(), f"could not remove test cgroup {self.dir}"
+
+
+@contextlib.contextmanager
+def make_cgroup(limit: int | None = None) -> Iterator[Cgroup]:
+    """A fresh memory cgroup beneath the one the tests run in (beside it on a v2 host
+    whose test process sits in a non-root leaf), removed afterwards."""
+    version, mnt = memory_hierarchy()
+    own = own_cgroup_path(version)
+    if version == 2 and own != "/":
+        own = own.rsplit("/", 1)[0] or "/"
+        with contextlib.suppress(OSError):
+            Path(mnt + own, "cgroup.subtree_control").write_text("+memory")
+    base = Path(mnt + (own if own != "/" else ""))
+    d = base / f"cgprocfs-test-{uuid.uuid4().hex[:8]}"
+    d.mkdir()
+    cg = Cgroup(version, d)
+    try:
+        cg.set_limit(limit)
+        yield cg
+    finally:
+        cg.remove()
+
+
+@dataclass
+class Daemon:
+    mountpoint: Path
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def view(self, name: str) -> Path:
+        return self.mountpoint / name
+
+
+def wait_mounted(mountpoint: Path, proc: subprocess.Popen[bytes] | None, timeout: float = 15) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if mountinfo_fstypes().get(str(mountpoint)) == "fuse.cgprocfs":
+            return True
+        if proc is not None and proc.poll() is not None:
+            return False
+        time.sleep(0.02)
+    return False
+
+
+def force_unmount(mountpoint: Path) -> None:
+    if str(mountpoint) in mountinfo_fstypes():
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+@contextlib.contextmanager
+def running_daemon(args: Sequence[str] = (), module: Sequence[str] = ("-m", "cgprocfs"),
+                   mountpoint: Path | None = None) -> Iterator[Daemon]:
+    """`cgprocfs serve` on a fresh mountpoint; SIGTERM and unmount afterwards."""
+    tmp = Path(tempfile.mkdtemp(prefix="cgprocfs-test-"))
+    mp = mountpoint or tmp / "mnt"
+    log_path = tmp / "daemon.log"
+    with open(log_path, "wb") as logf:
+        proc = subprocess.Popen(
+            [PYTHON, *module, "--log-level", "debug", "serve", *args, str(mp)],
+            stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=REPO, start_new_session=True,
+        )
+    d = Daemon(mp, proc, log_path)
+    try:
+        if not wait_mounted(mp, proc):
+            raise RuntimeError(f"daemon did not mount {mp}:\n{d.log()}")
+        yield d
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        force_unmount(mp)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def in_container(cg: Cgroup, mountpoint: Path, cmd: Sequence[str],
+                 views: Sequence[str] = VIEW_FILES) -> list[str]:
+    """A command line that joins `cg`, enters a private mount namespace, binds the views
+    over /proc and execs `cmd` — what a container runtime does, with util-linux."""
+    binds = "; ".join(
+        f"mount --bind {mountpoint}/{v} /{v}" for v in views
+    )
+    inner = f"set -e; {binds}; exec \"$@\""
+    outer = f'echo $$ > {cg.dir}/cgroup.procs && exec unshare --mount --propagation private ' \
+            f'-- sh -c \'{inner}\' sh "$@"'
+    return ["sh", "-c", outer, "sh", *cmd]
+
+
+def run_in_container(cg: Cgroup, mountpoint: Path, cmd: Sequence[str],
+                     timeout: float = 60) -> str:
+    res = subprocess.run(in_container(cg, mountpoint, cmd), capture_output=True, text=True,
+                         timeout=timeout)
+    if res.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return res.stdout
+
+
+def parse_free_b(text: str) -> dict[str, int]:
+    """procps `free -b` -> {total, used, free, shared, buff/cache, available, swap_total,...}"""
+    lines = text.splitlines()
+    header = lines[0].split()
+    mem = lines[1].split()[1:]
+    out = {h: int(v) for h, v in zip(header, mem, strict=False)}
+    swap = lines[2].split()[1:]
+    out.update({f"swap_{h}": int(v) for h, v in zip(header, swap, strict=False)})
+    return out
+
+
+def meminfo_kb(text: str) -> dict[str, int]:
+    out = {}
+    for line in text.splitlines():
+        k, _, rest = line.partition(":")
+        out[k] = int(rest.split()[0])
+    return out
+
+
+def scratch_dir() -> Path:
+    """A directory on a disk-backed filesystem (page cache, not shmem) for file writes."""
+    d = Path(os.environ.get("CGPROCFS_TEST_SCRATCH", "/var/tmp"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
