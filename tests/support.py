@@ -161,7 +161,9 @@ def wait_mounted(mountpoint: Path, proc: subprocess.Popen[bytes] | None, timeout
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if mountinfo_fstypes().get(str(mountpoint)) == "fuse.cgprocfs":
-            return True
+            with contextlib.suppress(OSError):  # a stale mount answers ENOTCONN
+                os.listdir(mountpoint)  # reaches the daemon, unlike a cached stat
+                return True
         if proc is not None and proc.poll() is not None:
             return False
         time.sleep(0.02)
@@ -175,7 +177,8 @@ def force_unmount(mountpoint: Path) -> None:
 
 @contextlib.contextmanager
 def running_daemon(args: Sequence[str] = (), module: Sequence[str] = ("-m", "cgprocfs"),
-                   mountpoint: Path | None = None) -> Iterator[Daemon]:
+                   mountpoint: Path | None = None,
+                   env: dict[str, str] | None = None) -> Iterator[Daemon]:
     """`cgprocfs serve` on a fresh mountpoint; SIGTERM and unmount afterwards."""
     tmp = Path(tempfile.mkdtemp(prefix="cgprocfs-test-"))
     mp = mountpoint or tmp / "mnt"
@@ -184,7 +187,7 @@ def running_daemon(args: Sequence[str] = (), module: Sequence[str] = ("-m", "cgp
         proc = subprocess.Popen(
             [PYTHON, *module, "--log-level", "debug", "serve", *args, str(mp)],
             stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=REPO, start_new_session=True,
+            cwd=REPO, start_new_session=True, env=env,
         )
     d = Daemon(mp, proc, log_path)
     try:

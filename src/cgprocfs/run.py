@@ -145,7 +145,7 @@ def serving_mountpoint(path: str = DEFAULT_MOUNTPOINT) -> bool:
     try:
         if mounted_at(path) != "fuse.cgprocfs":
             return False
-        os.stat(os.path.join(path, VIEWS[0].path))
+        os.listdir(path)  # reaches the daemon; a cached stat would not notice a dead one
         return True
     except OSError:
         return False

@@ -77,7 +77,9 @@ def prepare_mountpoint(mountpoint: str) -> None:
     refuse a mountpoint that is already served."""
     try:
         os.makedirs(mountpoint, exist_ok=True)
-        os.stat(mountpoint)
+        # listdir, not stat: the kernel may answer stat from cached attributes even when
+        # the daemon behind the mount is gone; opendir always reaches the daemon.
+        os.listdir(mountpoint)
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:
             raise StartupError(f"cannot use mountpoint {mountpoint}: {exc.strerror}") from exc

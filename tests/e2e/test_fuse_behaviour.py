@@ -1,0 +1,210 @@
+"""The FUSE layer at its edges: offsets, write opens, vanished callers, handler faults,
+start-up errors, stale mounts, signals."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from support import (
+    PYTHON,
+    REPO,
+    MiB,
+    Daemon,
+    force_unmount,
+    make_cgroup,
+    meminfo_kb,
+    mountinfo_fstypes,
+    running_daemon,
+    wait_mounted,
+)
+
+FAULTY = str(Path(__file__).with_name("faulty_daemon.py"))
+
+
+def read_all(path: Path, size: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(fd, size):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("name", ["proc/meminfo", "proc/vmstat", "proc/swaps"])
+def test_one_byte_reads_and_random_preads_reassemble_one_rendering(
+    daemon: Daemon, name: str
+) -> None:
+    path = daemon.view(name)
+    whole = read_all(path, 1 << 16)
+    assert whole.endswith(b"\n") and len(whole) >= 39
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        first = b"".join(iter(lambda: os.read(fd, 1), b""))
+        # Same handle, any offset: slices of the one rendering made at open.
+        rng = random.Random(1)
+        for _ in range(300):
+            off = rng.randrange(0, len(first) + 10)
+            size = rng.randrange(1, 200)
+            assert os.pread(fd, size, off) == first[off : off + size]
+    finally:
+        os.close(fd)
+    # Structure matches a fresh rendering (numbers may move between opens).
+    assert [ln.split(b":")[0] for ln in first.splitlines()] == [
+        ln.split(b":")[0] for ln in whole.splitlines()
+    ]
+
+
+@pytest.mark.parametrize("flags", [os.O_WRONLY, os.O_RDWR, os.O_WRONLY | os.O_TRUNC])
+def test_write_opens_fail(daemon: Daemon, flags: int) -> None:
+    with pytest.raises(OSError) as exc:
+        os.open(daemon.view("proc/meminfo"), flags)
+    assert exc.value.errno in (errno.EROFS, errno.EACCES)
+
+
+def test_create_and_unlink_fail(daemon: Daemon) -> None:
+    with pytest.raises(OSError) as exc:
+        os.open(daemon.mountpoint / "proc" / "new", os.O_WRONLY | os.O_CREAT, 0o644)
+    assert exc.value.errno in (errno.EROFS, errno.EACCES)
+    with pytest.raises(OSError):
+        os.unlink(daemon.view("proc/meminfo"))
+
+
+def test_listing_and_stat(daemon: Daemon) -> None:
+    assert sorted(os.listdir(daemon.mountpoint)) == ["proc"]
+    assert sorted(os.listdir(daemon.mountpoint / "proc")) == ["meminfo", "swaps", "vmstat"]
+    st = os.stat(daemon.view("proc/meminfo"))
+    assert st.st_mode & 0o777 == 0o444
+    with pytest.raises(FileNotFoundError):
+        os.stat(daemon.mountpoint / "proc" / "nope")
+
+
+def test_caller_that_exits_between_open_and_read_still_gets_its_bytes(daemon: Daemon) -> None:
+    """A process in a 123 MiB cgroup opens meminfo, hands the fd over and exits; the
+    reader (in another cgroup) reads the 123 MiB rendering, made at open."""
+    with make_cgroup(123 * MiB) as cg:
+        parent_sock, child_sock = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            try:
+                Path(cg.dir, "cgroup.procs").write_text(str(os.getpid()))
+                fd = os.open(daemon.view("proc/meminfo"), os.O_RDONLY)
+                socket.send_fds(child_sock, [b"x"], [fd])
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        _, fds, _, _ = socket.recv_fds(parent_sock, 1, 1)
+        try:
+            data = b"".join(iter(lambda: os.read(fds[0], 7), b""))
+        finally:
+            os.close(fds[0])
+            parent_sock.close()
+            child_sock.close()
+        assert meminfo_kb(data.decode())["MemTotal"] == 123 * 1024
+
+
+def test_handler_fault_answers_eio_and_daemon_keeps_serving(root_fuse: None) -> None:
+    """Inject a fault: the renderer raises on its first two calls."""
+    with running_daemon(module=(FAULTY,)) as d:
+        for _ in range(2):
+            with pytest.raises(OSError) as exc:
+                d.view("proc/meminfo").read_bytes()
+            assert exc.value.errno == errno.EIO
+        assert d.view("proc/meminfo").read_text().startswith("MemTotal:")
+        assert d.proc.poll() is None
+        assert "injected fault" in d.log()
+
+
+def test_odd_cgroup_data_falls_back_to_host_file(root_fuse: None) -> None:
+    """A snapshot that cannot be read (here: an injected OddCgroupData) serves the host's
+    file for that open, logged once, and the next open is normal again."""
+    env = {**os.environ, "FAULT_KIND": "odd"}
+    with running_daemon(module=(FAULTY,), env=env) as d:
+        first = meminfo_kb(d.view("proc/meminfo").read_text())
+        host = meminfo_kb(Path("/proc/meminfo").read_text())
+        assert first["MemTotal"] == host["MemTotal"]
+        assert "serving the host file" in d.log()
+
+
+def _serve(args: list[str], **kw) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PYTHON, "-m", "cgprocfs", "serve", *args], capture_output=True,
+                          text=True, timeout=30, cwd=REPO, **kw)
+
+
+def test_not_root_is_a_clear_one_line_error(root_fuse: None) -> None:
+    mp = tempfile.mkdtemp(prefix="cgprocfs-test-")
+    try:
+        # Drop to nobody after the imports (root's Python may not be readable by nobody).
+        code = ("import os, sys, cgprocfs.cli, cgprocfs.serve; os.setgid(65534); "
+                f"os.setuid(65534); sys.exit(cgprocfs.cli.main(['serve', '{mp}']))")
+        res = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True,
+                             timeout=30, cwd=REPO)
+        assert res.returncode == 1
+        assert res.stderr.strip().count("\n") == 0, res.stderr
+        assert "must run as root" in res.stderr
+    finally:
+        os.rmdir(mp)
+
+
+def test_no_dev_fuse_is_a_clear_one_line_error(root_fuse: None) -> None:
+    mp = tempfile.mkdtemp(prefix="cgprocfs-test-")
+    try:
+        # A private mount namespace with an empty /dev: no /dev/fuse.
+        res = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+             f"mount -t tmpfs none /dev && exec {PYTHON} -m cgprocfs serve {mp}"],
+            capture_output=True, text=True, timeout=30, cwd=REPO)
+        assert res.returncode == 1
+        assert res.stderr.strip().count("\n") == 0, res.stderr
+        assert "no /dev/fuse" in res.stderr
+    finally:
+        os.rmdir(mp)
+
+
+def test_mountpoint_busy_is_a_clear_error(daemon: Daemon) -> None:
+    res = _serve([str(daemon.mountpoint)])
+    assert res.returncode == 1
+    assert "mountpoint busy" in res.stderr and res.stderr.strip().count("\n") == 0
+    # ... and the running daemon is untouched.
+    assert daemon.view("proc/meminfo").read_text().startswith("MemTotal:")
+
+
+def test_sigterm_unmounts_and_exits_zero(root_fuse: None) -> None:
+    with running_daemon() as d:
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(timeout=10) == 0
+        assert str(d.mountpoint) not in mountinfo_fstypes()
+
+
+def test_stale_mount_from_a_crashed_run_is_recovered(root_fuse: None) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="cgprocfs-test-"))
+    mp = tmp / "mnt"
+    log = open(tmp / "log", "wb")  # noqa: SIM115
+    first = subprocess.Popen([PYTHON, "-m", "cgprocfs", "serve", str(mp)], stdout=log,
+                             stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    try:
+        assert wait_mounted(mp, first)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        with pytest.raises(OSError) as exc:
+            os.listdir(mp)
+        assert exc.value.errno == errno.ENOTCONN
+        with running_daemon(mountpoint=mp) as d:
+            assert d.view("proc/meminfo").read_text().startswith("MemTotal:")
+            assert "stale mount" in d.log()
+    finally:
+        if first.poll() is None:
+            first.kill()
+        log.close()
+        force_unmount(mp)
+        subprocess.run(["rm", "-rf", str(tmp)], check=False)
