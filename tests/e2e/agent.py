@@ -25,7 +25,8 @@ def main(argv: list[str]) -> None:
         elif step == "alloc":
             n = int(argv[i]) * MiB
             i += 1
-            m = mmap.mmap(-1, n)
+            # Private: a shared anonymous mapping would be shmem, not anonymous memory.
+            m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             for off in range(0, n, 4096):
                 m[off] = 1
             held.append(m)
