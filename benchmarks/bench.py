@@ -19,8 +19,8 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import queue
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -29,6 +29,8 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from multiprocessing import connection as mp_connection
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 ALL_FILES = ("meminfo", "vmstat", "swaps", "stat", "cpuinfo", "uptime", "loadavg")
@@ -237,7 +239,10 @@ class Target:
         argv = [*self.cmd, self.mnt]
         log(f"starting {self.name}: {shlex.join(argv)}")
         self.proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,  # a Ctrl-C in the terminal must not reach it; we stop it
         )
         deadline = time.monotonic() + timeout
@@ -310,27 +315,47 @@ def make_target(name: str, args: argparse.Namespace, files: list[str]) -> Target
     if name == "cgprocfs":
         rev = subprocess.run(
             ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         ).stdout.strip()
-        return Target("cgprocfs", "cgprocfs", cmd=shlex.split(args.cgprocfs_cmd),
-                      version=f"git {rev}" if rev else "?")
+        return Target(
+            "cgprocfs",
+            "cgprocfs",
+            cmd=shlex.split(args.cgprocfs_cmd),
+            version=f"git {rev}" if rev else "?",
+        )
     raise SystemExit(f"bench: unknown target {name!r} (known: {', '.join(ALL_TARGETS)})")
 
 
 # --------------------------------------------------------------------------- readers
 
 
-def reader_main(idx: int, procs_file: str, path: str, duration: float, cap: int,
-                barrier: mp.synchronize.Barrier, results: mp.Queue) -> None:
-    """One reader process: join cgroup, check read, two barrier waits, then the timed loop."""
+def reader_main(
+    idx: int,
+    procs_file: str,
+    path: str,
+    duration: float,
+    cap: int,
+    ready_w: int,
+    go_r: int,
+    unused: list[int],
+    results: Connection,
+) -> None:
+    """One reader process: join cgroup, check read, report ready, wait for go, timed loop.
+
+    Synchronisation is plain pipes (no multiprocessing semaphores, so no /dev/shm needed).
+    """
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    for fd in unused:  # the parent's ends: without this, go_r would never see EOF
+        os.close(fd)
     meta: dict[str, object] = {"idx": idx}
     lat = array.array("q", bytes(8 * cap))  # preallocated; touched now, not in the loop
     try:
         with open(procs_file, "w") as f:
             f.write(str(os.getpid()))
-        meta["cgroup"] = open("/proc/self/cgroup").read()  # noqa: SIM115
+        with open("/proc/self/cgroup") as f:
+            meta["cgroup"] = f.read()
         # first read = correctness check (not timed)
         fd = os.open(path, os.O_RDONLY)
         chunks = []
@@ -343,8 +368,9 @@ def reader_main(idx: int, procs_file: str, path: str, duration: float, cap: int,
         meta["first"] = b"".join(chunks).decode("utf-8", "replace")
     except OSError as e:
         meta["setup_error"] = f"{type(e).__name__}: {e}"
-    barrier.wait()  # 1: everyone in its cgroup, check read done (parent samples daemon CPU)
-    barrier.wait()  # 2: go
+    os.write(ready_w, b"r")  # barrier, part 1: placed in its cgroup and checked
+    if os.read(go_r, 1) != b"g":  # barrier, part 2: the parent has sampled daemon CPU
+        os._exit(1)  # parent gave up (closed the pipe)
     pc, o, r, c, rd, buf = time.perf_counter_ns, os.open, os.read, os.close, os.O_RDONLY, READ_BUF
     n = 0
     start = pc()
@@ -368,7 +394,8 @@ def reader_main(idx: int, procs_file: str, path: str, duration: float, cap: int,
             meta["error"] = f"{type(e).__name__}: {e} (after {n} ops)"
     stop = t0
     meta.update(ops=n, elapsed_ns=max(stop - start, 1), recorded=min(n, cap))
-    results.put((meta, lat[: min(n, cap)].tobytes()))
+    results.send((meta, lat[: min(n, cap)].tobytes()))
+    results.close()
 
 
 # --------------------------------------------------------------------------- cells
@@ -379,8 +406,9 @@ def meminfo_total_kb(text: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def check_first_read(target: Target, fname: str, meta: dict, expect_kb: int,
-                     host_total_kb: int | None) -> str:
+def check_first_read(
+    target: Target, fname: str, meta: dict, expect_kb: int, host_total_kb: int | None
+) -> str:
     """Return '' when fine, else a short problem description."""
     if "setup_error" in meta:
         return f"reader {meta['idx']}: {meta['setup_error']}"
@@ -396,45 +424,86 @@ def check_first_read(target: Target, fname: str, meta: dict, expect_kb: int,
     return ""
 
 
-def run_cell(target: Target, fname: str, nreaders: int, cgs: CgroupSet, args: argparse.Namespace,
-             host_total_kb: int | None) -> dict:
+def run_cell(
+    target: Target,
+    fname: str,
+    nreaders: int,
+    cgs: CgroupSet,
+    args: argparse.Namespace,
+    host_total_kb: int | None,
+) -> dict:
     import numpy as np
 
     ctx = mp.get_context("fork")
-    barrier = ctx.Barrier(nreaders + 1)
-    results: mp.Queue = ctx.Queue()
     cap = max(100_000, int(args.duration * 250_000))  # > kernel ops/s per reader, with margin
     path = target.path(fname)
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    conns = [ctx.Pipe(duplex=False) for _ in range(nreaders)]
     procs = [
-        ctx.Process(target=reader_main, daemon=True,
-                    args=(i, cgs.procs_file(i), path, args.duration, cap, barrier, results))
+        ctx.Process(
+            target=reader_main,
+            daemon=True,
+            args=(
+                i,
+                cgs.procs_file(i),
+                path,
+                args.duration,
+                cap,
+                ready_w,
+                go_r,
+                [ready_r, go_w],
+                conns[i][1],
+            ),
+        )
         for i in range(nreaders)
     ]
     got: list[tuple[dict, bytes]] = []
+    cpu0 = cpu1 = None
+    load0, wall = os.getloadavg()[0], 0.0
     try:
         for p in procs:
             p.start()
-        barrier.wait(timeout=60)  # 1: all readers placed and checked
+        for _, w in conns:
+            w.close()
+        os.close(ready_w)
+        os.close(go_r)
+        ready, deadline = 0, time.monotonic() + 60
+        while ready < nreaders:
+            if time.monotonic() > deadline or any(p.exitcode is not None for p in procs):
+                raise RuntimeError(f"only {ready}/{nreaders} readers got ready")
+            if select.select([ready_r], [], [], 0.2)[0]:
+                ready += len(os.read(ready_r, nreaders))
         cpu0 = target.cpu_ticks()
         load0 = os.getloadavg()[0]
-        barrier.wait(timeout=60)  # 2: go
+        os.write(go_w, b"g" * nreaders)
         t_wall0 = time.perf_counter()
         deadline = time.monotonic() + args.duration + 60
-        while len(got) < nreaders:
-            try:
-                got.append(results.get(timeout=max(0.1, deadline - time.monotonic())))
-            except queue.Empty:
+        pending = [r for r, _ in conns]
+        while pending:
+            done = mp_connection.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
                 loud(f"{target.name}/{fname}/{nreaders}: readers did not finish; killing them")
                 break
+            for r in done:
+                pending.remove(r)  # type: ignore[arg-type]
+                with contextlib.suppress(EOFError, OSError):
+                    got.append(r.recv())  # type: ignore[union-attr]
         wall = time.perf_counter() - t_wall0
         cpu1 = target.cpu_ticks()
+    except RuntimeError as e:
+        loud(f"{target.name}/{fname}/{nreaders}: {e}")
     finally:
+        for fd in (ready_r, go_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)  # readers still waiting for "go" see EOF and exit
         for p in procs:
-            p.join(timeout=5)
+            p.join(timeout=args.duration + 5 if len(got) == nreaders else 2)
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
-        results.close()
+        for r, _ in conns:
+            r.close()
 
     metas = [m for m, _ in got]
     lats = np.concatenate([np.frombuffer(b, dtype=np.int64) for _, b in got]) if got else None
@@ -445,29 +514,51 @@ def run_cell(target: Target, fname: str, nreaders: int, cgs: CgroupSet, args: ar
     problems += [f"reader {m['idx']}: {m['error']}" for m in metas if "error" in m]
     if len(metas) < nreaders:
         problems.append(f"only {len(metas)}/{nreaders} readers reported")
-    mem_totals = sorted({meminfo_total_kb(str(m.get("first", ""))) for m in metas}
-                        - {None}) if fname == "meminfo" else []
+    mem_totals = (
+        sorted({meminfo_total_kb(str(m.get("first", ""))) for m in metas} - {None})
+        if fname == "meminfo"
+        else []
+    )
     cell = {
-        "target": target.name, "file": fname, "readers": nreaders, "cgroups": cgs.count,
-        "path": path, "ops": ops, "ops_per_s": ops_s, "wall_s": wall,
+        "target": target.name,
+        "file": fname,
+        "readers": nreaders,
+        "cgroups": cgs.count,
+        "path": path,
+        "ops": ops,
+        "ops_per_s": ops_s,
+        "wall_s": wall,
         "per_reader_ops": [int(m["ops"]) for m in sorted(metas, key=lambda m: m["idx"])],
         "latencies_recorded": int(lats.size) if lats is not None else 0,
-        "p50_us": None, "p99_us": None, "p999_us": None, "mean_us": None,
-        "daemon_cpu_s": None, "daemon_cpu_s_per_1k": None,
-        "check": "ok" if not problems else "MISMATCH", "problems": problems,
-        "memtotal_kb_seen": mem_totals, "loadavg1_before": load0,
+        "p50_us": None,
+        "p99_us": None,
+        "p999_us": None,
+        "mean_us": None,
+        "daemon_cpu_s": None,
+        "daemon_cpu_s_per_1k": None,
+        "check": "ok" if not problems else "MISMATCH",
+        "problems": problems,
+        "memtotal_kb_seen": mem_totals,
+        "loadavg1_before": load0,
     }
     if lats is not None and lats.size:
         p50, p99, p999 = np.percentile(lats, [50, 99, 99.9]) / 1e3
-        cell.update(p50_us=float(p50), p99_us=float(p99), p999_us=float(p999),
-                    mean_us=float(lats.mean() / 1e3))
+        cell.update(
+            p50_us=float(p50),
+            p99_us=float(p99),
+            p999_us=float(p999),
+            mean_us=float(lats.mean() / 1e3),
+        )
     if cpu0 is not None and cpu1 is not None:
         cpu_s = (cpu1 - cpu0) / CLK_TCK
         cell["daemon_cpu_s"] = cpu_s
         cell["daemon_cpu_s_per_1k"] = cpu_s / ops * 1000 if ops else None
     if problems:
-        loud(f"CORRECTNESS/ERROR {target.name} {fname} readers={nreaders}: "
-             + "; ".join(problems[:4]) + (" ..." if len(problems) > 4 else ""))
+        loud(
+            f"CORRECTNESS/ERROR {target.name} {fname} readers={nreaders}: "
+            + "; ".join(problems[:4])
+            + (" ..." if len(problems) > 4 else "")
+        )
     return cell
 
 
@@ -481,17 +572,23 @@ def _f(v: float | None, fmt: str) -> str:
 def add_ratios(cells: list[dict]) -> None:
     by = {(c["target"], c["file"], c["readers"]): c for c in cells}
     for c in cells:
-        k, lx = by.get(("kernel", c["file"], c["readers"])), by.get(("lxcfs", c["file"],
-                                                                     c["readers"]))
-        c["ratio_vs_lxcfs"] = (c["ops_per_s"] / lx["ops_per_s"]
-                               if lx and lx is not c and lx["ops_per_s"] else None)
-        c["ratio_vs_kernel"] = (c["ops_per_s"] / k["ops_per_s"]
-                                if k and k is not c and k["ops_per_s"] else None)
+        k, lx = (
+            by.get(("kernel", c["file"], c["readers"])),
+            by.get(("lxcfs", c["file"], c["readers"])),
+        )
+        c["ratio_vs_lxcfs"] = (
+            c["ops_per_s"] / lx["ops_per_s"] if lx and lx is not c and lx["ops_per_s"] else None
+        )
+        c["ratio_vs_kernel"] = (
+            c["ops_per_s"] / k["ops_per_s"] if k and k is not c and k["ops_per_s"] else None
+        )
 
 
 def markdown_table(cells: list[dict]) -> str:
-    head = ("| target | file | readers | ops/s | p50 µs | p99 µs | p99.9 µs "
-            "| daemon CPU s / 1k ops | ÷ LXCFS | ÷ kernel | check |")
+    head = (
+        "| target | file | readers | ops/s | p50 µs | p99 µs | p99.9 µs "
+        "| daemon CPU s / 1k ops | ÷ LXCFS | ÷ kernel | check |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for c in cells:
         lines.append(
@@ -532,8 +629,10 @@ def write_chart(cells: list[dict], out: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.6 * len(groups) + 4), 4.8))
     width = 0.8 / max(1, len(targets))
     colors = {"kernel": "#7f7f7f", "lxcfs": "#1f77b4", "cgprocfs": "#d62728"}
-    for ax, key, title in ((axes[0], "ops_per_s", "throughput, ops/s (log)"),
-                           (axes[1], "p50_us", "p50 latency per op, µs (log)")):
+    for ax, key, title in (
+        (axes[0], "ops_per_s", "throughput, ops/s (log)"),
+        (axes[1], "p50_us", "p50 latency per op, µs (log)"),
+    ):
         for ti, t in enumerate(targets):
             xs, ys = [], []
             for gi, (f, n) in enumerate(groups):
@@ -542,11 +641,9 @@ def write_chart(cells: list[dict], out: Path) -> None:
                     xs.append(gi + (ti - (len(targets) - 1) / 2) * width)
                     ys.append(c[key])
             bars = ax.bar(xs, ys, width, label=t, color=colors.get(t))
-            ax.bar_label(bars, labels=[f"{y:,.0f}" for y in ys], fontsize=7, rotation=90,
-                         padding=2)
+            ax.bar_label(bars, labels=[f"{y:,.0f}" for y in ys], fontsize=7, rotation=90, padding=2)
         ax.set_yscale("log")
-        ax.set_xticks(range(len(groups)), [f"{f}\n{n} reader{'s' * (n != 1)}"
-                                           for f, n in groups])
+        ax.set_xticks(range(len(groups)), [f"{f}\n{n} reader{'s' * (n != 1)}" for f, n in groups])
         ax.set_title(title)
         ax.margins(y=0.25)
     axes[0].legend()
@@ -560,23 +657,40 @@ def write_chart(cells: list[dict], out: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--files", default="meminfo",
-                    help=f"comma list of /proc files, from: {','.join(ALL_FILES)}")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    ap.add_argument(
+        "--files", default="meminfo", help=f"comma list of /proc files, from: {','.join(ALL_FILES)}"
+    )
     ap.add_argument("--readers", default="1,8", help="comma list of reader-process counts")
-    ap.add_argument("--cgroups", type=int, default=1,
-                    help="readers are spread round-robin over this many test cgroups")
+    ap.add_argument(
+        "--cgroups",
+        type=int,
+        default=1,
+        help="readers are spread round-robin over this many test cgroups",
+    )
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per cell")
-    ap.add_argument("--targets", default=",".join(ALL_TARGETS),
-                    help=f"comma list, from: {','.join(ALL_TARGETS)}")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="results directory (default benchmarks/results/<timestamp>)")
-    ap.add_argument("--limit-mib", type=int, default=300,
-                    help="memory limit of every test cgroup, MiB")
+    ap.add_argument(
+        "--targets",
+        default=",".join(ALL_TARGETS),
+        help=f"comma list, from: {','.join(ALL_TARGETS)}",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results directory (default benchmarks/results/<timestamp>)",
+    )
+    ap.add_argument(
+        "--limit-mib", type=int, default=300, help="memory limit of every test cgroup, MiB"
+    )
     ap.add_argument("--lxcfs-bin", default=shutil.which("lxcfs") or "/usr/bin/lxcfs")
-    ap.add_argument("--cgprocfs-cmd", default=DEFAULT_CGPROCFS_CMD,
-                    help="daemon command; the mountpoint is appended")
+    ap.add_argument(
+        "--cgprocfs-cmd",
+        default=DEFAULT_CGPROCFS_CMD,
+        help="daemon command; the mountpoint is appended",
+    )
     a = ap.parse_args(argv)
 
     def csv(s: str) -> list[str]:
@@ -660,8 +774,10 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     log(f"cell: {t.name} {fname} readers={n} ({args.duration:g} s)")
                     c = run_cell(t, fname, n, cgs, args, host_total_kb)
-                    log(f"  {c['ops_per_s']:,.0f} ops/s, p50 {_f(c['p50_us'], '.0f')} µs, "
-                        f"check {c['check']}")
+                    log(
+                        f"  {c['ops_per_s']:,.0f} ops/s, p50 {_f(c['p50_us'], '.0f')} µs, "
+                        f"check {c['check']}"
+                    )
                     cells.append(c)
     except _Stop as e:
         loud(f"interrupted by signal {e.args[0]}; cleaning up")
@@ -679,14 +795,23 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(cells)
     summary = summary_lines(cells)
     meta = {
-        "started": stamp, "host": platform.node(), "kernel": platform.release(),
-        "cpus": os.cpu_count(), "python": platform.python_version(),
-        "cgroup_version": cgs.version, "cgroup_parent": str(cgs.own),
-        "limit_mib": args.limit_mib, "expect_memtotal_kb": args.expect_kb,
-        "files": args.files, "readers": args.readers, "cgroups": args.cgroups,
+        "started": stamp,
+        "host": platform.node(),
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "cgroup_version": cgs.version,
+        "cgroup_parent": str(cgs.own),
+        "limit_mib": args.limit_mib,
+        "expect_memtotal_kb": args.expect_kb,
+        "files": args.files,
+        "readers": args.readers,
+        "cgroups": args.cgroups,
         "duration_s": args.duration,
         "targets": {t.name: {"version": t.version, "cmd": t.cmd} for t in targets},
-        "skipped": skipped, "loadavg_end": os.getloadavg(),
+        "skipped": skipped,
+        "loadavg_end": os.getloadavg(),
+        "interrupted": status != 0,
     }
     mismatches = [c for c in cells if c["check"] != "ok"]
     md = [
@@ -703,12 +828,17 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if summary:
         md += ["Ratios (ops/s):", "", *summary, ""]
+    if status:
+        md += ["**Run interrupted by a signal: the table is incomplete.**", ""]
     if skipped:
         md += ["Skipped:", "", *[f"- {s}" for s in skipped], ""]
     if mismatches:
         md += ["**Correctness problems:**", ""]
-        md += [f"- {c['target']} {c['file']} {c['readers']}: {p}"
-               for c in mismatches for p in c["problems"]]
+        md += [
+            f"- {c['target']} {c['file']} {c['readers']}: {p}"
+            for c in mismatches
+            for p in c["problems"]
+        ]
         md += [""]
     md += ["Noise: ±25 % between runs is normal here; compare only figures from one run.", ""]
     (out / "results.md").write_text("\n".join(md))
