@@ -157,7 +157,9 @@ class Daemon:
         return self.mountpoint / name
 
 
-def wait_mounted(mountpoint: Path, proc: subprocess.Popen[bytes] | None, timeout: float = 15) -> bool:
+def wait_mounted(
+    mountpoint: Path, proc: subprocess.Popen[bytes] | None, timeout: float = 15
+) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if mountinfo_fstypes().get(str(mountpoint)) == "fuse.cgprocfs":

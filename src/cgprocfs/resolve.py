@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 from cgprocfs.cgroups import Hierarchy, Layout, ancestors, read_proc_cgroup, read_small
@@ -17,6 +18,7 @@ from cgprocfs.snapshot import (
     HostMemory,
     MemoryView,
     OddCgroupData,
+    meminfo_layout,
     parse_count,
     parse_flat_keyed,
     parse_limit,
@@ -44,11 +46,40 @@ def _limit_at(path: str) -> int | None:
     return None if text is None else parse_limit(text)
 
 
-def memory_view_for_path(h: Hierarchy, path: str, container: str) -> MemoryView | None:
+# How long a cgroup's limits may be served from memory. Limits change rarely (docker
+# update, a Kubernetes resize); usage and memory.stat are always read fresh.
+LIMITS_MAX_AGE = 1.0
+
+
+class LimitsCache:
+    """(limit, swap limit) per cgroup directory, at most LIMITS_MAX_AGE seconds old."""
+
+    def __init__(self, max_age: float = LIMITS_MAX_AGE, max_entries: int = 8192) -> None:
+        self.max_age = max_age
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[float, int | None, int | None]] = {}
+
+    def get(self, d: str, limit_file: str, swap_file: str) -> tuple[int | None, int | None]:
+        now = time.monotonic()
+        hit = self._entries.get(d)
+        if hit is not None and now - hit[0] < self.max_age:
+            return hit[1], hit[2]
+        value = (_limit_at(f"{d}/{limit_file}"), _limit_at(f"{d}/{swap_file}"))
+        if len(self._entries) >= self.max_entries:
+            self._entries.clear()
+        self._entries[d] = (now, *value)
+        return value
+
+
+def memory_view_for_path(
+    h: Hierarchy, path: str, container: str, limits: LimitsCache | None = None,
+    with_events: bool = True,
+) -> MemoryView | None:
     """Read the memory figures that speak for a caller in cgroup `path` of hierarchy `h`.
 
     `container` is the cgroup to report when nothing on the path is limited. Raises
     OSError or OddCgroupData when the cgroup's files are missing or do not parse.
+    `with_events` reads the OOM-kill counter too (only vmstat shows it).
     """
     chain: list[tuple[str, str]] = []
     for p in ancestors(path):
@@ -58,23 +89,23 @@ def memory_view_for_path(h: Hierarchy, path: str, container: str) -> MemoryView 
         if d is None:
             break
         chain.append((p, d))
+    cache = limits or LimitsCache(max_age=0)
     if h.version == 2:
-        return _v2_view(h, chain, container)
-    return _v1_view(h, chain, container)
+        return _v2_view(h, chain, container, cache, with_events)
+    return _v1_view(h, chain, container, cache, with_events)
 
 
 def _pick(
-    chain: list[tuple[str, str]], limit_file: str, swap_file: str
+    chain: list[tuple[str, str]], limit_file: str, swap_file: str, cache: LimitsCache
 ) -> tuple[int | None, str | None, int | None]:
     """Walk from the caller up: (min limit, topmost cgroup carrying it, min swap limit)."""
     best: int | None = None
     best_path: str | None = None
     swap_best: int | None = None
     for p, d in chain:
-        lim = _limit_at(f"{d}/{limit_file}")
+        lim, sw = cache.get(d, limit_file, swap_file)
         if lim is not None and (best is None or lim <= best):
             best, best_path = lim, p
-        sw = _limit_at(f"{d}/{swap_file}")
         if sw is not None and (swap_best is None or sw < swap_best):
             swap_best = sw
     return best, best_path, swap_best
@@ -90,8 +121,11 @@ def _view_dir(h: Hierarchy, best_path: str | None, container: str) -> tuple[str,
     return view_path, d
 
 
-def _v2_view(h: Hierarchy, chain: list[tuple[str, str]], container: str) -> MemoryView | None:
-    limit, best_path, swap_limit = _pick(chain, "memory.max", "memory.swap.max")
+def _v2_view(
+    h: Hierarchy, chain: list[tuple[str, str]], container: str, cache: LimitsCache,
+    with_events: bool,
+) -> MemoryView | None:
+    limit, best_path, swap_limit = _pick(chain, "memory.max", "memory.swap.max", cache)
     where = _view_dir(h, best_path, container)
     if where is None:
         return None
@@ -103,7 +137,7 @@ def _v2_view(h: Hierarchy, chain: list[tuple[str, str]], container: str) -> Memo
     stat = parse_flat_keyed(read_small(f"{d}/memory.stat"))
     swap_text = _read_optional(f"{d}/memory.swap.current")
     swap_usage = parse_count(swap_text) if swap_text is not None else 0
-    events_text = _read_optional(f"{d}/memory.events")
+    events_text = _read_optional(f"{d}/memory.events") if with_events else None
     events = parse_flat_keyed(events_text) if events_text is not None else {}
     return MemoryView(
         version=2, cgroup=view_path, limit=limit, usage=usage, stat=stat,
@@ -112,9 +146,12 @@ def _v2_view(h: Hierarchy, chain: list[tuple[str, str]], container: str) -> Memo
     )
 
 
-def _v1_view(h: Hierarchy, chain: list[tuple[str, str]], container: str) -> MemoryView | None:
+def _v1_view(
+    h: Hierarchy, chain: list[tuple[str, str]], container: str, cache: LimitsCache,
+    with_events: bool,
+) -> MemoryView | None:
     limit, best_path, memsw_limit = _pick(
-        chain, "memory.limit_in_bytes", "memory.memsw.limit_in_bytes"
+        chain, "memory.limit_in_bytes", "memory.memsw.limit_in_bytes", cache
     )
     where = _view_dir(h, best_path, container)
     if where is None:
@@ -122,18 +159,18 @@ def _v1_view(h: Hierarchy, chain: list[tuple[str, str]], container: str) -> Memo
     view_path, d = where
     usage = parse_count(read_small(f"{d}/memory.usage_in_bytes"))
     stat = parse_flat_keyed(read_small(f"{d}/memory.stat"))
-    memsw_text = _read_optional(f"{d}/memory.memsw.usage_in_bytes")
-    if memsw_text is not None:
-        swap_usage = max(0, parse_count(memsw_text) - usage)
-    else:
-        swap_usage = stat.get("total_swap", stat.get("swap", 0))
+    # memory.stat carries the swap usage when swap accounting is on; saves a read.
+    swap_usage = stat.get("total_swap", stat.get("swap"))
+    if swap_usage is None:
+        memsw_text = _read_optional(f"{d}/memory.memsw.usage_in_bytes")
+        swap_usage = max(0, parse_count(memsw_text) - usage) if memsw_text else 0
     if memsw_limit is None:
         swap_limit = None
     elif limit is None:
         swap_limit = memsw_limit
     else:
         swap_limit = max(0, memsw_limit - limit)
-    oom_text = _read_optional(f"{d}/memory.oom_control")
+    oom_text = _read_optional(f"{d}/memory.oom_control") if with_events else None
     oom = parse_flat_keyed(oom_text) if oom_text is not None else {}
     return MemoryView(
         version=1, cgroup=view_path, limit=limit, usage=usage, stat=stat,
@@ -157,32 +194,38 @@ class Resolver:
         self.own_pidns = os.readlink(f"{proc}/self/ns/pid")
         # pid namespace -> its init's pid; validated on use, so pid reuse cannot mislead.
         self._ns_init: dict[str, int] = {}
+        self.limits = LimitsCache()
+        # Key order and layout of the kernel's files never change while it runs.
         with open(f"{proc}/vmstat") as f:
             self.vmstat_keys = tuple(line.split(" ", 1)[0] for line in f if line.strip())
         with open(f"{proc}/swaps") as f:
             self.swaps_header = f.readline()
+        with open(f"{proc}/meminfo") as f:
+            self.meminfo_layout = meminfo_layout(f.read())
 
     def host_memory(self) -> HostMemory:
         text = read_small(f"{self.proc}/meminfo")
         return HostMemory(
             meminfo_text=text, meminfo_kb=parse_meminfo(text),
             vmstat_keys=self.vmstat_keys, swaps_header=self.swaps_header,
+            layout=self.meminfo_layout,
         )
 
-    def snapshot(self, pid: int) -> Snapshot:
+    def snapshot(self, pid: int, with_events: bool = True) -> Snapshot:
         """Everything needed to render the memory views for `pid`. Raises OSError or
         OddCgroupData when the caller or its cgroup cannot be read."""
-        host = self.host_memory()
-        return Snapshot(host, self.memory_view(pid))
+        memory = self.memory_view(pid, with_events)
+        return Snapshot(self.host_memory(), memory)
 
-    def memory_view(self, pid: int) -> MemoryView | None:
+    def memory_view(self, pid: int, with_events: bool = True) -> MemoryView | None:
         h = self.memory
         if h is None or pid <= 0:
             return None
         path = read_proc_cgroup(pid, self.proc).path_in(h)
         if path is None or path == "/" or h.directory(path) is None:
             return None
-        return memory_view_for_path(h, path, self.container_path(pid, h, path))
+        return memory_view_for_path(h, path, self.container_path(pid, h, path),
+                                    self.limits, with_events)
 
     def container_path(self, pid: int, h: Hierarchy, own_path: str) -> str:
         """The caller's container cgroup: its pid namespace init's cgroup, minus a

@@ -7,6 +7,7 @@ snapshot always renders the same files and the files can never disagree.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -21,15 +22,35 @@ class OddCgroupData(ValueError):
     """A cgroup file was missing or did not parse: the open falls back to the host file."""
 
 
+# One meminfo line's shape: (key, width of the padded number, unit suffix or "").
+MeminfoLayout = tuple[tuple[str, int, str], ...]
+
+
+def meminfo_layout(template: str) -> MeminfoLayout:
+    """The key order and column layout of a meminfo text; constant for a running kernel,
+    so the daemon computes it once."""
+    out = []
+    for line in template.splitlines():
+        key, sep, rest = line.partition(":")
+        if not sep:
+            continue
+        stripped = rest.lstrip(" ")
+        number, _, suffix = stripped.partition(" ")
+        out.append((key, len(rest) - len(stripped) + len(number), suffix))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class HostMemory:
-    """The host's own files. `meminfo_text` is also the template for key order and layout."""
+    """The host's own files. `meminfo_text` is also the template for key order and layout
+    (`layout`, when given, is that template's layout computed ahead)."""
 
     meminfo_text: str
     meminfo_kb: Mapping[str, int]
     vmstat_keys: tuple[str, ...] = ()
     swaps_header: str = "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n"
     page_size: int = PAGE_SIZE
+    layout: MeminfoLayout | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +80,14 @@ class RenderOptions:
 
 def parse_flat_keyed(text: str) -> dict[str, int]:
     """`key value` lines (memory.stat, memory.events, vmstat). Unparsable lines are skipped."""
+    parts = text.split()
+    lines = text.count("\n") + (0 if not text or text.endswith("\n") else 1)
+    if len(parts) == 2 * lines:
+        # Well-formed kernel files: one split, no per-line work.
+        try:
+            return dict(zip(parts[::2], map(int, parts[1::2]), strict=True))
+        except ValueError:
+            pass
     out: dict[str, int] = {}
     for line in text.splitlines():
         parts = line.split()
@@ -70,8 +99,16 @@ def parse_flat_keyed(text: str) -> dict[str, int]:
     return out
 
 
+_MEMINFO_LINE = re.compile(r"^([^:\n]+):[ \t]*(\d+)", re.MULTILINE)
+
+
 def parse_meminfo(text: str) -> dict[str, int]:
     """/proc/meminfo as {key: value}; values in kB (or pages for HugePages_ counts)."""
+    return {k: int(v) for k, v in _MEMINFO_LINE.findall(text)}
+
+
+def parse_meminfo_slow(text: str) -> dict[str, int]:
+    """Line-by-line reference parser (tests compare the fast one against it)."""
     out: dict[str, int] = {}
     for line in text.splitlines():
         key, sep, rest = line.partition(":")

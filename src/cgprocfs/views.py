@@ -24,11 +24,12 @@ class View:
     path: str  # inside the mount, e.g. "proc/meminfo"
     host_path: str  # the file it replaces, e.g. "/proc/meminfo"
     render: MemoryRenderer
+    needs_events: bool = False  # memory.events / oom_control: only vmstat shows them
 
 
 VIEWS: tuple[View, ...] = (
     View("proc/meminfo", "/proc/meminfo", render_meminfo),
-    View("proc/vmstat", "/proc/vmstat", render_vmstat),
+    View("proc/vmstat", "/proc/vmstat", render_vmstat, needs_events=True),
     View("proc/swaps", "/proc/swaps", render_swaps),
 )
 VIEWS_BY_PATH = {v.path: v for v in VIEWS}
@@ -46,7 +47,7 @@ class Renderer:
 
     def render(self, view: View, pid: int) -> bytes:
         try:
-            snap = self.resolver.snapshot(pid)
+            snap = self.resolver.snapshot(pid, view.needs_events)
         except (OSError, OddCgroupData) as exc:
             self.fallbacks += 1
             self._warn_once(pid, exc)

@@ -24,11 +24,11 @@ if kind == "raise":
 else:
     real_snapshot = resolve.Resolver.snapshot
 
-    def snapshot(self, pid):  # type: ignore[no-untyped-def]
+    def snapshot(self, pid, *args):  # type: ignore[no-untyped-def]
         calls["n"] += 1
         if calls["n"] == 1:
             raise OddCgroupData("injected odd data")
-        return real_snapshot(self, pid)
+        return real_snapshot(self, pid, *args)
 
     resolve.Resolver.snapshot = snapshot  # type: ignore[method-assign]
 

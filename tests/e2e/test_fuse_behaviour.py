@@ -16,8 +16,8 @@ import pytest
 from support import (
     PYTHON,
     REPO,
-    MiB,
     Daemon,
+    MiB,
     force_unmount,
     make_cgroup,
     meminfo_kb,

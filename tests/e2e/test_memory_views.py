@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 from support import (
-    MiB,
     PYTHON,
     Cgroup,
     Daemon,
+    MiB,
     in_container,
+    make_cgroup,
     meminfo_kb,
     parse_free_b,
     run_in_container,
     scratch_dir,
-    make_cgroup,
 )
 
 AGENT = str(Path(__file__).with_name("agent.py"))

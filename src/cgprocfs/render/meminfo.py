@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from cgprocfs.snapshot import HostMemory, MemoryView, RenderOptions
+from cgprocfs.snapshot import (
+    HostMemory,
+    MeminfoLayout,
+    MemoryView,
+    RenderOptions,
+    meminfo_layout,
+)
 
 # Values that are equally true inside a container: sizes of host-wide pools and of the
 # kernel's address space, not anybody's usage.
@@ -72,6 +78,18 @@ def stat_value(view: MemoryView, v2_key: str, v1_key: str | None) -> int:
     return max(0, value)
 
 
+def _stat_fields(view: MemoryView) -> dict[str, int]:
+    """All STAT_FIELDS at once (the hot path: one dict lookup per field)."""
+    stat = view.stat
+    if view.version == 2:
+        return {k: max(0, stat.get(v2, 0)) for k, (v2, _) in STAT_FIELDS.items()}
+    out = {}
+    for k, (_, v1) in STAT_FIELDS.items():
+        value = 0 if v1 is None else stat.get("total_" + v1, stat.get(v1, 0))
+        out[k] = max(0, value)
+    return out
+
+
 def memory_figures(host: HostMemory, view: MemoryView, opts: RenderOptions) -> dict[str, int]:
     """Every meminfo field for `view`, in kB (HugePages_* counts as the host has them).
 
@@ -97,7 +115,7 @@ def memory_figures(host: HostMemory, view: MemoryView, opts: RenderOptions) -> d
     avail = min(free + reclaimable, total, host_avail)
     free = min(free, avail)
 
-    out: dict[str, int] = {k: min(s(v2, v1), total) for k, (v2, v1) in STAT_FIELDS.items()}
+    out = {k: min(v, total) for k, v in _stat_fields(view).items()}
     out["Active"] = min(out["Active(anon)"] + out["Active(file)"], total)
     out["Inactive"] = min(out["Inactive(anon)"] + out["Inactive(file)"], total)
     # The kernel's Cached excludes the swap cache; v2's `file` counts it, v1's `cache` not.
@@ -133,22 +151,16 @@ def memory_figures(host: HostMemory, view: MemoryView, opts: RenderOptions) -> d
 
 
 def render_meminfo(host: HostMemory, view: MemoryView, opts: RenderOptions) -> bytes:
-    return render_like_host(host.meminfo_text, memory_figures(host, view, opts))
+    layout = host.layout or meminfo_layout(host.meminfo_text)
+    return render_like_host(layout, memory_figures(host, view, opts))
 
 
-def render_like_host(template: str, values: Mapping[str, int]) -> bytes:
+def render_like_host(layout: MeminfoLayout, values: Mapping[str, int]) -> bytes:
     """The host's meminfo with each number replaced (0 where `values` has none), keeping
     its keys, order, column alignment and units, so every parser keeps working."""
-    lines = []
-    for line in template.splitlines():
-        key, sep, rest = line.partition(":")
-        if not sep:
-            lines.append(line)
-            continue
-        stripped = rest.lstrip(" ")
-        number, _, suffix = stripped.partition(" ")
-        width = len(rest) - len(stripped) + len(number)
-        new = str(values.get(key, 0))
-        pad = max(1, width - len(new))
-        lines.append(f"{key}:{' ' * pad}{new}{' ' + suffix if suffix else ''}")
-    return ("\n".join(lines) + "\n").encode()
+    out = []
+    for key, width, suffix in layout:
+        num = str(values.get(key, 0))
+        out.append(f"{key}:{num.rjust(width) if len(num) < width else ' ' + num}"
+                   f"{' ' + suffix if suffix else ''}\n")
+    return "".join(out).encode()
