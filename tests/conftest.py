@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from support import Daemon, memory_hierarchy, running_daemon  # noqa: E402
+from support import Daemon, memory_hierarchy, running_daemon
 
 
 def _missing_capability() -> str | None:

@@ -74,7 +74,9 @@ class GuestResult:
     duration: float
     """Wall-clock seconds from starting the guest until it and its helpers were gone."""
     pgid: int | None = None
-    """Host process group the run used (diagnostic: it is empty when this returns)."""
+    """Host process group of the run (diagnostic: it is empty when this returns)."""
+    pidns: str | None = None
+    """The guest's host pid namespace, "pid:[N]" (diagnostic: empty when this returns)."""
     workdir: Path | None = None
     """The runner's temp dir on the host (diagnostic: already removed when this returns)."""
 
@@ -227,21 +229,96 @@ def _uml_tmpdir(workdir: Path) -> str:
     return str(workdir)
 
 
-def _kill_group(pgid: int, proc: subprocess.Popen[bytes] | None = None) -> None:
-    """SIGKILL a process group, reap our child in it, and wait until the group is empty."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
-    if proc is not None:
-        # Until we reap it, our child stays in the group as a zombie.
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=30)
-    end = time.monotonic() + 10
-    while time.monotonic() < end:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        pass
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry.name))
+    return kids
+
+
+def _pidns(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+
+
+def pidns_members(pidns: str) -> list[int]:
+    """Host pids of the processes that are in the pid namespace ``pidns`` ("pid:[N]")."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and _pidns(int(entry.name)) == pidns:
+            members.append(int(entry.name))
+    return members
+
+
+class _Guest:
+    """The host side of one guest: setpriv -> unshare (our child, leader of process group
+    ``pgid``) -> linux.uml, pid 1 of a new pid namespace.  UML calls setsid(), so it leaves
+    our process group; killing it (the namespace's init) kills every process in the
+    namespace, and unshare exits once it has reaped it."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.pgid = proc.pid
+        self.uml_pid: int | None = None
+        self.pidns: str | None = None
+
+    def _discover(self) -> None:
+        if self.uml_pid is not None:
             return
-        time.sleep(0.02)
+        kids = _children(self.proc.pid)
+        if kids:
+            ns = _pidns(kids[0])
+            if ns is not None and ns != _pidns(os.getpid()):
+                self.uml_pid, self.pidns = kids[0], ns
+
+    def wait(self, timeout: float) -> bool:
+        """Wait for the guest to power off; False on timeout."""
+        end = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            self._discover()
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=min(left, 0.05 if self.uml_pid is None else 0.5))
+        return True
+
+    def stop(self) -> None:
+        """Kill whatever is left and wait until none of it exists any more."""
+        if self.proc.poll() is None:
+            self._discover()
+            targets = [self.uml_pid] if self.uml_pid is not None else _children(self.proc.pid)
+            for pid in targets:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.pgid, signal.SIGKILL)
+                self.proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pgid, signal.SIGKILL)
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            try:
+                os.killpg(self.pgid, 0)
+            except ProcessLookupError:
+                if self.pidns is None or not pidns_members(self.pidns):
+                    return
+            time.sleep(0.02)
 
 
 def _read(path: Path) -> str:
@@ -249,6 +326,28 @@ def _read(path: Path) -> str:
         return path.read_bytes().decode("utf-8", errors="replace")
     except FileNotFoundError:
         return ""
+
+
+_WORKDIR_PREFIX = "cgprocfs-guest-run-"
+
+
+def _sweep_stale_workdirs() -> None:
+    """Remove temp dirs of runners that were killed before they could clean up (SIGKILL):
+    each workdir names its owner's pid in ``owner``."""
+    for d in Path(tempfile.gettempdir()).glob(_WORKDIR_PREFIX + "*"):
+        try:
+            pid = int((d / "owner").read_text())
+        except (OSError, ValueError):
+            with contextlib.suppress(OSError):
+                if time.time() - d.stat().st_mtime > 3600:
+                    shutil.rmtree(d, ignore_errors=True)
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:
+            pass
 
 
 def run_in_guest(
@@ -278,14 +377,15 @@ def run_in_guest(
         if not key.isidentifier():
             raise ValueError(f"bad environment variable name: {key!r}")
 
-    workdir = Path(tempfile.mkdtemp(prefix="cgprocfs-guest-"))
+    _sweep_stale_workdirs()
+    workdir = Path(tempfile.mkdtemp(prefix=_WORKDIR_PREFIX))
     start = time.monotonic()
-    pgid: int | None = None
-    proc: subprocess.Popen[bytes] | None = None
+    guest: _Guest | None = None
     timed_out = False
     try:
         share = _check_path(workdir)
         repo = _check_path(REPO_ROOT)
+        (workdir / "owner").write_text(str(os.getpid()))
         (workdir / "out").mkdir()
         init = workdir / "init"
         init.write_text(
@@ -325,13 +425,11 @@ def run_in_guest(
                 cwd="/",
                 start_new_session=True,
             )
-        pgid = proc.pid
+        guest = _Guest(proc)
         try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
+            timed_out = not guest.wait(timeout)
         finally:
-            _kill_group(pgid, proc)
+            guest.stop()
         duration = time.monotonic() - start
 
         status_text = _read(workdir / "status").strip()
@@ -353,12 +451,13 @@ def run_in_guest(
             outdir=outdir,
             timed_out=timed_out,
             duration=duration,
-            pgid=pgid,
+            pgid=guest.pgid,
+            pidns=guest.pidns,
             workdir=workdir,
         )
     finally:
-        if pgid is not None:
-            _kill_group(pgid, proc)
+        if guest is not None:
+            guest.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
