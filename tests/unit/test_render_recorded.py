@@ -70,9 +70,9 @@ V2 = {
     "PageTables": lambda s: s["pagetables"],
     "SecPageTables": lambda s: s.get("sec_pagetables", 0),
     "Percpu": lambda s: s["percpu"],
-    "AnonHugePages": lambda s: s["anon_thp"],
-    "ShmemHugePages": lambda s: s["shmem_thp"],
-    "FileHugePages": lambda s: s["file_thp"],
+    "AnonHugePages": lambda s: s.get("anon_thp", 0),
+    "ShmemHugePages": lambda s: s.get("shmem_thp", 0),
+    "FileHugePages": lambda s: s.get("file_thp", 0),
     "Zswap": lambda s: s.get("zswap", 0),
     "Zswapped": lambda s: s.get("zswapped", 0),
     "Buffers": lambda s: 0,
@@ -188,7 +188,8 @@ def test_vmstat_from_the_recording(fx: Path) -> None:
     v2 = meta["version"] == 2
 
     def get(k2: str, k1: str) -> int:
-        return s[k2] if v2 else s[k1]
+        # A kernel built without THP (the UML guest's) has no *_thp keys at all.
+        return s.get(k2, 0) if v2 else s.get(k1, 0)
 
     assert vm["nr_anon_pages"] == get("anon", "total_rss") // page
     assert vm["nr_mapped"] == get("file_mapped", "total_mapped_file") // page
