@@ -163,9 +163,11 @@ def wait_mounted(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if mountinfo_fstypes().get(str(mountpoint)) == "fuse.cgprocfs":
-            with contextlib.suppress(OSError):  # a stale mount answers ENOTCONN
-                os.listdir(mountpoint)  # reaches the daemon, unlike a cached stat
-                return True
+            # listdir reaches the daemon, unlike a cached stat; a stale mount answers
+            # ENOTCONN, and the bare directory (a stale mount just detached) is empty.
+            with contextlib.suppress(OSError):
+                if "proc" in os.listdir(mountpoint):
+                    return True
         if proc is not None and proc.poll() is not None:
             return False
         time.sleep(0.02)
@@ -205,6 +207,10 @@ def running_daemon(args: Sequence[str] = (), module: Sequence[str] = ("-m", "cgp
                 proc.kill()
                 proc.wait()
         force_unmount(mp)
+        keep = os.environ.get("CGPROCFS_TEST_LOGDIR")
+        if keep:  # the guest lane hands daemon logs back to the host's report
+            with contextlib.suppress(OSError):
+                shutil.copy(log_path, Path(keep) / f"daemon-{proc.pid}.log")
         shutil.rmtree(tmp, ignore_errors=True)
 
 

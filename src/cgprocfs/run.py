@@ -145,8 +145,8 @@ def serving_mountpoint(path: str = DEFAULT_MOUNTPOINT) -> bool:
     try:
         if mounted_at(path) != "fuse.cgprocfs":
             return False
-        os.listdir(path)  # reaches the daemon; a cached stat would not notice a dead one
-        return True
+        # listdir reaches the daemon (a cached stat would not notice a dead one).
+        return VIEWS[0].path.split("/")[0] in os.listdir(path)
     except OSError:
         return False
 

@@ -2,12 +2,15 @@
 # It only works around limits of the user-mode-linux guest, never of cgprocfs.
 
 # A disk-backed filesystem with writeback, so written files are page cache (file, dirty)
-# rather than shmem as on the guest's tmpfs/overlay root.
+# rather than shmem as on the guest's tmpfs/overlay root. Its image lives on the host
+# share (hostfs), not on tmpfs: the loop driver charges its backing writes to the writer's
+# cgroup, and tmpfs pages there would be unreclaimable shmem.
 busybox insmod "/lib/modules/$(uname -r)/kernel/drivers/block/loop.ko" 2>/dev/null || true
-truncate -s 640M /tmp/scratch.img
-mkfs.ext4 -q -F /tmp/scratch.img
+IMG="$(dirname "$GUEST_OUT")/scratch.img"
+truncate -s 640M "$IMG"
+mkfs.ext4 -q -F "$IMG"
 mkdir -p /mnt/scratch
-mount -o loop /tmp/scratch.img /mnt/scratch
+mount -o loop "$IMG" /mnt/scratch
 export CGPROCFS_TEST_SCRATCH=/mnt/scratch
 
 # UML's /proc/cpuinfo lacks "physical id"/"core id", without which procps 4 vmstat refuses
