@@ -49,8 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--hide-swap", action="store_true")
     r.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
 
-    d = sub.add_parser("docker-args", help="print the docker run -v flags for every view")
+    d = sub.add_parser("docker-args", help="print the docker run -v flags for the views")
     d.add_argument("--mountpoint", default=DEFAULT_MOUNTPOINT)
+    d.add_argument("--all", action="store_true",
+                   help="include views runc refuses to bind inside /proc (/proc/vmstat); "
+                   "for runtimes that allow them")
     return p
 
 
@@ -82,7 +85,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _run(args)
     if args.command == "docker-args":
         mp = args.mountpoint.rstrip("/")
-        print(" ".join(f"-v {mp}/{v.path}:{v.host_path}:ro" for v in VIEWS))
+        views = [v for v in VIEWS if args.all or v.runc_bindable]
+        print(" ".join(f"-v {mp}/{v.path}:{v.host_path}:ro" for v in views))
         return 0
     raise AssertionError(args.command)
 

@@ -61,6 +61,17 @@ class Node:
 
 
 @dataclass
+class Handle:
+    """An open file: the bytes rendered at open, and who they were rendered for."""
+
+    view: View
+    pid: int
+    caller: str
+    data: bytes
+    read: bool = False
+
+
+@dataclass
 class Stats:
     opens: int = 0
     errors: int = 0
@@ -93,7 +104,7 @@ class ViewsFS(pyfuse3.Operations):
         super().__init__()
         self.renderer = renderer
         self.nodes = build_tree(views)
-        self.handles: dict[int, bytes] = {}
+        self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         self.stats = Stats()
         self.started = time.time()
@@ -179,19 +190,34 @@ class ViewsFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_CREAT):
             raise pyfuse3.FUSEError(errno.EACCES)
-        data = self.renderer.render(node.view, ctx.pid)
+        rendered = self.renderer.render_for(node.view, ctx.pid)
         fh = self._next_fh
         self._next_fh += 1
-        self.handles[fh] = data
+        self.handles[fh] = Handle(node.view, ctx.pid, rendered.caller, rendered.data)
         self.stats.opens += 1
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
 
     @guarded
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        data = self.handles.get(fh)
-        if data is None:
+        h = self.handles.get(fh)
+        if h is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        return data[off : off + size]
+        if off == 0 and h.read:
+            self._rerender(h)
+        h.read = True
+        return h.data[off : off + size]
+
+    def _rerender(self, h: Handle) -> None:
+        """A read from offset 0 on a handle already read is a new look, as with the
+        kernel's seq_file: top, `free -s` and `vmstat N` keep the file open and re-read
+        it. READ carries no caller, so render again for the pid that opened the file,
+        and keep the new bytes only if that pid is still in the same cgroups (a reused
+        pid of another container must never see its numbers through this handle)."""
+        if not h.caller:
+            return
+        fresh = self.renderer.render_for(h.view, h.pid)
+        if fresh.caller == h.caller:
+            h.data = fresh.data
 
     @guarded
     async def release(self, fh: int) -> None:

@@ -13,7 +13,14 @@ import os
 import time
 from dataclasses import dataclass
 
-from cgprocfs.cgroups import Hierarchy, Layout, ancestors, read_proc_cgroup, read_small
+from cgprocfs.cgroups import (
+    Hierarchy,
+    Layout,
+    ancestors,
+    parse_proc_cgroup,
+    read_proc_cgroup,
+    read_small,
+)
 from cgprocfs.snapshot import (
     HostMemory,
     MemoryView,
@@ -32,6 +39,7 @@ class Snapshot:
 
     host: HostMemory
     memory: MemoryView | None
+    caller: str = ""  # the caller's /proc/PID/cgroup as read for this snapshot
 
 
 def _read_optional(path: str) -> str | None:
@@ -214,14 +222,21 @@ class Resolver:
     def snapshot(self, pid: int, with_events: bool = True) -> Snapshot:
         """Everything needed to render the memory views for `pid`. Raises OSError or
         OddCgroupData when the caller or its cgroup cannot be read."""
-        memory = self.memory_view(pid, with_events)
-        return Snapshot(self.host_memory(), memory)
+        if pid <= 0:
+            return Snapshot(self.host_memory(), None)
+        caller = read_small(f"{self.proc}/{pid}/cgroup")
+        memory = self.memory_view(pid, with_events, caller)
+        return Snapshot(self.host_memory(), memory, caller)
 
-    def memory_view(self, pid: int, with_events: bool = True) -> MemoryView | None:
+    def memory_view(
+        self, pid: int, with_events: bool = True, caller: str | None = None
+    ) -> MemoryView | None:
         h = self.memory
         if h is None or pid <= 0:
             return None
-        path = read_proc_cgroup(pid, self.proc).path_in(h)
+        procs = parse_proc_cgroup(caller) if caller is not None else read_proc_cgroup(
+            pid, self.proc)
+        path = procs.path_in(h)
         if path is None or path == "/" or h.directory(path) is None:
             return None
         return memory_view_for_path(h, path, self.container_path(pid, h, path),

@@ -234,8 +234,15 @@ def run(cmd: Sequence[str], memory: int | None, memory_swap: int | None,
         procs_file = os.path.join(cg.directory, "cgroup.procs")
         try:
             child = subprocess.Popen(list(cmd), preexec_fn=lambda: _enter(procs_file, binds))
-        except FileNotFoundError as exc:
-            raise RunError(f"command not found: {cmd[0]}") from exc
+        except FileNotFoundError:
+            print(f"cgprocfs run: command not found: {cmd[0]}", file=sys.stderr)
+            return 127
+        except PermissionError:
+            print(f"cgprocfs run: permission denied: {cmd[0]}", file=sys.stderr)
+            return 126
+        except subprocess.SubprocessError as exc:
+            raise RunError(f"could not set up the cgroup and mounts for {cmd[0]}: {exc}") \
+                from exc
         forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
         previous = {s: signal.signal(s, lambda signum, _f: child.send_signal(signum))
                     for s in forwarded}

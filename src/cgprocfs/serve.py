@@ -76,10 +76,16 @@ def prepare_mountpoint(mountpoint: str) -> None:
     """Create the mountpoint; detach a stale mount left by a crashed daemon (ENOTCONN);
     refuse a mountpoint that is already served."""
     try:
-        os.makedirs(mountpoint, exist_ok=True)
         # listdir, not stat: the kernel may answer stat from cached attributes even when
         # the daemon behind the mount is gone; opendir always reaches the daemon.
         os.listdir(mountpoint)
+    except FileNotFoundError:
+        try:
+            os.makedirs(mountpoint)
+        except OSError as exc:
+            raise StartupError(f"cannot create mountpoint {mountpoint}: {exc.strerror}") \
+                from exc
+        return
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:
             raise StartupError(f"cannot use mountpoint {mountpoint}: {exc.strerror}") from exc

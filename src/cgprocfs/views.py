@@ -25,11 +25,20 @@ class View:
     host_path: str  # the file it replaces, e.g. "/proc/meminfo"
     render: MemoryRenderer
     needs_events: bool = False  # memory.events / oom_control: only vmstat shows them
+    # runc (Docker, Kubernetes) only lets a container bind over an allow-list of /proc
+    # files; /proc/vmstat is not on it, so `docker-args` leaves such views out by default.
+    runc_bindable: bool = True
+
+
+@dataclass(frozen=True)
+class Rendered:
+    data: bytes
+    caller: str  # the caller's /proc/PID/cgroup at rendering; "" if unknown
 
 
 VIEWS: tuple[View, ...] = (
     View("proc/meminfo", "/proc/meminfo", render_meminfo),
-    View("proc/vmstat", "/proc/vmstat", render_vmstat, needs_events=True),
+    View("proc/vmstat", "/proc/vmstat", render_vmstat, needs_events=True, runc_bindable=False),
     View("proc/swaps", "/proc/swaps", render_swaps),
 )
 VIEWS_BY_PATH = {v.path: v for v in VIEWS}
@@ -46,15 +55,18 @@ class Renderer:
         self.fallbacks = 0
 
     def render(self, view: View, pid: int) -> bytes:
+        return self.render_for(view, pid).data
+
+    def render_for(self, view: View, pid: int) -> Rendered:
         try:
             snap = self.resolver.snapshot(pid, view.needs_events)
         except (OSError, OddCgroupData) as exc:
             self.fallbacks += 1
             self._warn_once(pid, exc)
-            return read_small(view.host_path).encode()
+            return Rendered(read_small(view.host_path).encode(), "")
         if snap.memory is None:
-            return read_small(view.host_path).encode()
-        return view.render(snap.host, snap.memory, self.opts)
+            return Rendered(read_small(view.host_path).encode(), snap.caller)
+        return Rendered(view.render(snap.host, snap.memory, self.opts), snap.caller)
 
     def _warn_once(self, pid: int, exc: Exception) -> None:
         try:

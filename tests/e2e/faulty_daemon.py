@@ -12,7 +12,7 @@ calls = {"n": 0}
 kind = os.environ.get("FAULT_KIND", "raise")
 
 if kind == "raise":
-    real_render = views.Renderer.render
+    real_render = views.Renderer.render_for
 
     def render(self, view, pid):  # type: ignore[no-untyped-def]
         calls["n"] += 1
@@ -20,7 +20,7 @@ if kind == "raise":
             raise RuntimeError("injected fault")
         return real_render(self, view, pid)
 
-    views.Renderer.render = render  # type: ignore[method-assign]
+    views.Renderer.render_for = render  # type: ignore[method-assign]
 else:
     real_snapshot = resolve.Resolver.snapshot
 

@@ -50,10 +50,11 @@ def test_one_byte_reads_and_random_preads_reassemble_one_rendering(
     fd = os.open(path, os.O_RDONLY)
     try:
         first = b"".join(iter(lambda: os.read(fd, 1), b""))
-        # Same handle, any offset: slices of the one rendering made at open.
+        # Same handle, any offset: slices of the one rendering made at open. (A read at
+        # offset 0 is a fresh look, like the kernel's seq_file: tested below.)
         rng = random.Random(1)
         for _ in range(300):
-            off = rng.randrange(0, len(first) + 10)
+            off = rng.randrange(1, len(first) + 10)
             size = rng.randrange(1, 200)
             assert os.pread(fd, size, off) == first[off : off + size]
     finally:
@@ -209,3 +210,53 @@ def test_stale_mount_from_a_crashed_run_is_recovered(root_fuse: None) -> None:
         log.close()
         force_unmount(mp)
         subprocess.run(["rm", "-rf", str(tmp)], check=False)
+
+
+def test_reread_from_offset_zero_is_a_fresh_look(daemon: Daemon) -> None:
+    """top, `free -s` and `vmstat N` keep the file open and re-read it from offset 0:
+    each re-read must show current numbers, as the kernel's own file does."""
+    reader = (
+        "import mmap, os, sys\n"
+        "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+        "def free():\n"
+        "    os.lseek(fd, 0, os.SEEK_SET)\n"
+        "    text = b''.join(iter(lambda: os.read(fd, 4096), b'')).decode()\n"
+        "    return int(text.split('MemFree:')[1].split()[0])\n"
+        "before = free()\n"
+        "m = mmap.mmap(-1, 64 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)\n"
+        "for off in range(0, 64 << 20, 4096): m[off] = 1\n"
+        "print(before, free())\n"
+    )
+    with make_cgroup(256 * MiB) as cg:
+        out = subprocess.run(
+            ["sh", "-c", f'echo $$ > {cg.dir}/cgroup.procs && exec "$@"', "sh", PYTHON, "-c",
+             reader, str(daemon.view("proc/meminfo"))],
+            capture_output=True, text=True, timeout=60, check=True).stdout
+        before, after = (int(x) for x in out.split())
+        assert before - after >= 60 * 1024, out
+
+
+def test_reread_never_shows_another_cgroups_numbers(daemon: Daemon) -> None:
+    """The opener exits and the handle is re-read from 0 by a process elsewhere: the
+    bytes stay those rendered for the opener (the re-render is for the opener's pid only
+    while it is still in the same cgroup)."""
+    with make_cgroup(111 * MiB) as cg:
+        parent_sock, child_sock = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            try:
+                Path(cg.dir, "cgroup.procs").write_text(str(os.getpid()))
+                fd = os.open(daemon.view("proc/meminfo"), os.O_RDONLY)
+                socket.send_fds(child_sock, [b"x"], [fd])
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        _, fds, _, _ = socket.recv_fds(parent_sock, 1, 1)
+        try:
+            for _ in range(3):
+                data = os.pread(fds[0], 65536, 0)
+                assert meminfo_kb(data.decode())["MemTotal"] == 111 * 1024
+        finally:
+            os.close(fds[0])
+            parent_sock.close()
+            child_sock.close()
