@@ -40,6 +40,24 @@ def read_all(path: Path, size: int) -> bytes:
         os.close(fd)
 
 
+def open_in_cgroup_then_exit(cgroup_dir: Path, path: Path) -> int:
+    """A child joins `cgroup_dir`, opens `path`, hands the fd over and exits; returns the
+    fd, now held by this process alone."""
+    parent_sock, child_sock = socket.socketpair()
+    with parent_sock, child_sock:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            try:
+                Path(cgroup_dir, "cgroup.procs").write_text(str(os.getpid()))
+                socket.send_fds(child_sock, [b"x"], [os.open(path, os.O_RDONLY)])
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        _, fds, _, _ = socket.recv_fds(parent_sock, 1, 1)
+    return fds[0]
+
+
 @pytest.mark.parametrize("name", ["proc/meminfo", "proc/vmstat", "proc/swaps"])
 def test_one_byte_reads_and_random_preads_reassemble_one_rendering(
     daemon: Daemon, name: str
@@ -94,24 +112,11 @@ def test_caller_that_exits_between_open_and_read_still_gets_its_bytes(daemon: Da
     """A process in a 123 MiB cgroup opens meminfo, hands the fd over and exits; the
     reader (in another cgroup) reads the 123 MiB rendering, made at open."""
     with make_cgroup(123 * MiB) as cg:
-        parent_sock, child_sock = socket.socketpair()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - child
-            try:
-                Path(cg.dir, "cgroup.procs").write_text(str(os.getpid()))
-                fd = os.open(daemon.view("proc/meminfo"), os.O_RDONLY)
-                socket.send_fds(child_sock, [b"x"], [fd])
-            finally:
-                os._exit(0)
-        _, status = os.waitpid(pid, 0)
-        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-        _, fds, _, _ = socket.recv_fds(parent_sock, 1, 1)
+        fd = open_in_cgroup_then_exit(cg.dir, daemon.view("proc/meminfo"))
         try:
-            data = b"".join(iter(lambda: os.read(fds[0], 7), b""))
+            data = b"".join(iter(lambda: os.read(fd, 7), b""))
         finally:
-            os.close(fds[0])
-            parent_sock.close()
-            child_sock.close()
+            os.close(fd)
         assert meminfo_kb(data.decode())["MemTotal"] == 123 * 1024
 
 
@@ -241,22 +246,10 @@ def test_reread_never_shows_another_cgroups_numbers(daemon: Daemon) -> None:
     bytes stay those rendered for the opener (the re-render is for the opener's pid only
     while it is still in the same cgroup)."""
     with make_cgroup(111 * MiB) as cg:
-        parent_sock, child_sock = socket.socketpair()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - child
-            try:
-                Path(cg.dir, "cgroup.procs").write_text(str(os.getpid()))
-                fd = os.open(daemon.view("proc/meminfo"), os.O_RDONLY)
-                socket.send_fds(child_sock, [b"x"], [fd])
-            finally:
-                os._exit(0)
-        os.waitpid(pid, 0)
-        _, fds, _, _ = socket.recv_fds(parent_sock, 1, 1)
+        fd = open_in_cgroup_then_exit(cg.dir, daemon.view("proc/meminfo"))
         try:
             for _ in range(3):
-                data = os.pread(fds[0], 65536, 0)
+                data = os.pread(fd, 65536, 0)
                 assert meminfo_kb(data.decode())["MemTotal"] == 111 * 1024
         finally:
-            os.close(fds[0])
-            parent_sock.close()
-            child_sock.close()
+            os.close(fd)

@@ -171,6 +171,11 @@ mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 mount -t tmpfs -o mode=0755 tmpfs /run
 mount -t tmpfs -o mode=0755 tmpfs /var/lib
+# The repository may live under a directory just covered by a tmpfs (a CI clone in /tmp):
+# show it again, straight from the host.
+if [ ! -e "$REPO/pyproject.toml" ]; then
+    mkdir -p "$REPO" && mount -t hostfs -o "$REPO" none "$REPO" || die "hostfs mount of $REPO"
+fi
 umount -l /.oldroot 2>/dev/null
 rmdir /.oldroot 2>/dev/null
 echo guest > /proc/sys/kernel/hostname
@@ -208,6 +213,15 @@ log "script exited with status $status"
 sync
 halt_now
 """
+
+
+def report_with_logs(r: GuestResult, logs_dir: str = "daemon-logs") -> str:
+    """`r.report()` followed by every log the script left in $GUEST_OUT/<logs_dir>."""
+    text = r.report()
+    if r.outdir and (r.outdir / logs_dir).is_dir():
+        for log in sorted((r.outdir / logs_dir).iterdir()):
+            text += f"\n----- {log.name} -----\n{log.read_text(errors='replace')[-4000:]}"
+    return text
 
 
 def _check_path(p: Path) -> str:

@@ -16,7 +16,7 @@ from tests.guest.packages import (
     docker_setup_script,
     ensure_docker_root,
 )
-from tests.guest.runner import available, run_in_guest
+from tests.guest.runner import available, report_with_logs, run_in_guest
 
 pytestmark = [pytest.mark.guest, pytest.mark.docker]
 
@@ -67,11 +67,7 @@ grep MemTotal /proc/meminfo
 """
     )
     r = run_in_guest(script, timeout=400, out_parent=tmp_path)
-    logs = ""
-    if r.outdir and (r.outdir / "daemon-logs").is_dir():
-        for log in sorted((r.outdir / "daemon-logs").iterdir()):
-            logs += f"\n----- {log.name} -----\n{log.read_text(errors='replace')[-4000:]}"
-    report = r.report() + logs
+    report = report_with_logs(r)
     assert r.returncode == 0, report
     args = section(r.output, "args")
     for view in ("meminfo", "swaps"):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.guest.runner import available, run_in_guest
+from tests.guest.runner import available, report_with_logs, run_in_guest
 
 pytestmark = pytest.mark.guest
 
@@ -46,11 +46,7 @@ def test_unit_and_e2e_suites_pass_on_cgroup_v2(tmp_path: Path) -> None:
         '--junitxml="$GUEST_OUT/junit.xml"\n'
     )
     r = run_in_guest(script, timeout=1200, out_parent=tmp_path)
-    logs = ""
-    if r.outdir and (r.outdir / "daemon-logs").is_dir():
-        for log in sorted((r.outdir / "daemon-logs").iterdir()):
-            logs += f"\n----- {log.name} -----\n{log.read_text(errors='replace')[-4000:]}"
-    report = r.report() + logs
+    report = report_with_logs(r)
     assert "cgroup2fs" in r.output, report
     assert r.returncode == 0, report
     assert r.outdir is not None, report

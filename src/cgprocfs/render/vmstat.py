@@ -20,11 +20,6 @@ GAUGES: dict[str, tuple[str, str | None, str]] = {
     "nr_inactive_file": ("inactive_file", "inactive_file", "page"),
     "nr_active_file": ("active_file", "active_file", "page"),
     "nr_unevictable": ("unevictable", "unevictable", "page"),
-    "nr_zone_inactive_anon": ("inactive_anon", "inactive_anon", "page"),
-    "nr_zone_active_anon": ("active_anon", "active_anon", "page"),
-    "nr_zone_inactive_file": ("inactive_file", "inactive_file", "page"),
-    "nr_zone_active_file": ("active_file", "active_file", "page"),
-    "nr_zone_unevictable": ("unevictable", "unevictable", "page"),
     "nr_slab_reclaimable": ("slab_reclaimable", None, "page"),
     "nr_slab_unreclaimable": ("slab_unreclaimable", None, "page"),
     "nr_anon_pages": ("anon", "rss", "page"),
@@ -41,6 +36,11 @@ GAUGES: dict[str, tuple[str, str | None, str]] = {
     "nr_shmem_hugepages": ("shmem_thp", None, "thp"),
     "nr_file_hugepages": ("file_thp", None, "thp"),
 }
+# A cgroup has no zones: each per-zone LRU gauge is the cgroup's whole LRU list.
+GAUGES.update({
+    f"nr_zone_{lru}": GAUGES[f"nr_{lru}"]
+    for lru in ("inactive_anon", "active_anon", "inactive_file", "active_file", "unevictable")
+})
 
 
 def vmstat_values(host: HostMemory, view: MemoryView, opts: RenderOptions) -> dict[str, int]:
