@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cgprocfs.cgroups import (
@@ -54,6 +55,9 @@ def _limit_at(path: str) -> int | None:
     return None if text is None else parse_limit(text)
 
 
+# How old the host's meminfo may be when it is used to cap a cgroup's figures.
+HOST_MAX_AGE = 0.05
+
 # How long a cgroup's limits may be served from memory. Limits change rarely (docker
 # update, a Kubernetes resize); usage and memory.stat are always read fresh.
 LIMITS_MAX_AGE = 1.0
@@ -80,12 +84,13 @@ class LimitsCache:
 
 
 def memory_view_for_path(
-    h: Hierarchy, path: str, container: str, limits: LimitsCache | None = None,
-    with_events: bool = True,
+    h: Hierarchy, path: str, container: str | Callable[[], str],
+    limits: LimitsCache | None = None, with_events: bool = True,
 ) -> MemoryView | None:
     """Read the memory figures that speak for a caller in cgroup `path` of hierarchy `h`.
 
-    `container` is the cgroup to report when nothing on the path is limited. Raises
+    `container` is the cgroup to report when nothing on the path is limited (or a
+    function finding it: it is needed only then, so it is looked up lazily). Raises
     OSError or OddCgroupData when the cgroup's files are missing or do not parse.
     `with_events` reads the OOM-kill counter too (only vmstat shows it).
     """
@@ -119,8 +124,10 @@ def _pick(
     return best, best_path, swap_best
 
 
-def _view_dir(h: Hierarchy, best_path: str | None, container: str) -> tuple[str, str] | None:
-    view_path = best_path or container
+def _view_dir(
+    h: Hierarchy, best_path: str | None, container: str | Callable[[], str]
+) -> tuple[str, str] | None:
+    view_path = best_path or (container if isinstance(container, str) else container())
     if view_path == "/":
         return None
     d = h.directory(view_path)
@@ -130,7 +137,8 @@ def _view_dir(h: Hierarchy, best_path: str | None, container: str) -> tuple[str,
 
 
 def _v2_view(
-    h: Hierarchy, chain: list[tuple[str, str]], container: str, cache: LimitsCache,
+    h: Hierarchy, chain: list[tuple[str, str]], container: str | Callable[[], str],
+    cache: LimitsCache,
     with_events: bool,
 ) -> MemoryView | None:
     limit, best_path, swap_limit = _pick(chain, "memory.max", "memory.swap.max", cache)
@@ -155,7 +163,8 @@ def _v2_view(
 
 
 def _v1_view(
-    h: Hierarchy, chain: list[tuple[str, str]], container: str, cache: LimitsCache,
+    h: Hierarchy, chain: list[tuple[str, str]], container: str | Callable[[], str],
+    cache: LimitsCache,
     with_events: bool,
 ) -> MemoryView | None:
     limit, best_path, memsw_limit = _pick(
@@ -209,15 +218,41 @@ class Resolver:
         with open(f"{proc}/swaps") as f:
             self.swaps_header = f.readline()
         with open(f"{proc}/meminfo") as f:
-            self.meminfo_layout = meminfo_layout(f.read())
+            template = f.read()
+        self.meminfo_layout = meminfo_layout(template)
+        tokens = template.split()
+        self._meminfo_ntokens = len(tokens)
+        self._meminfo_positions = [i + 1 for i, t in enumerate(tokens) if t.endswith(":")]
+        self._meminfo_keys = [tokens[i - 1][:-1] for i in self._meminfo_positions]
+        self._host: HostMemory | None = None
+        self._host_at = 0.0
 
     def host_memory(self) -> HostMemory:
+        """The host's meminfo, at most HOST_MAX_AGE old: its figures only cap ours (free
+        and available never above the host's) or are host-wide constants."""
+        now = time.monotonic()
+        if self._host is not None and now - self._host_at < HOST_MAX_AGE:
+            return self._host
         text = read_small(f"{self.proc}/meminfo")
-        return HostMemory(
-            meminfo_text=text, meminfo_kb=parse_meminfo(text),
+        self._host = HostMemory(
+            meminfo_text=text, meminfo_kb=self._parse_host_meminfo(text),
             vmstat_keys=self.vmstat_keys, swaps_header=self.swaps_header,
             layout=self.meminfo_layout,
         )
+        self._host_at = now
+        return self._host
+
+    def _parse_host_meminfo(self, text: str) -> dict[str, int]:
+        # The kernel's key order is fixed: take the numbers by position, and fall back to
+        # the general parser should the text ever not have the expected shape.
+        tokens = text.split()
+        if len(tokens) == self._meminfo_ntokens:
+            try:
+                values = [int(tokens[i]) for i in self._meminfo_positions]
+                return dict(zip(self._meminfo_keys, values, strict=True))
+            except ValueError:
+                pass
+        return parse_meminfo(text)
 
     def snapshot(self, pid: int, with_events: bool = True) -> Snapshot:
         """Everything needed to render the memory views for `pid`. Raises OSError or
@@ -239,7 +274,7 @@ class Resolver:
         path = procs.path_in(h)
         if path is None or path == "/" or h.directory(path) is None:
             return None
-        return memory_view_for_path(h, path, self.container_path(pid, h, path),
+        return memory_view_for_path(h, path, lambda: self.container_path(pid, h, path),
                                     self.limits, with_events)
 
     def container_path(self, pid: int, h: Hierarchy, own_path: str) -> str:

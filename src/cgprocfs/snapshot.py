@@ -22,22 +22,35 @@ class OddCgroupData(ValueError):
     """A cgroup file was missing or did not parse: the open falls back to the host file."""
 
 
-# One meminfo line's shape: (key, width of the padded number, unit suffix or "").
-MeminfoLayout = tuple[tuple[str, int, str], ...]
+@dataclass(frozen=True)
+class MeminfoLayout:
+    """The key order and column layout of a meminfo text, as one format string (the
+    kernel prints each number right-aligned in 8 columns after a padded label)."""
+
+    keys: tuple[str, ...]
+    template: str
+
+    def format(self, values: Mapping[str, int]) -> str:
+        get = values.get
+        return self.template.format(*[get(k, 0) for k in self.keys])
 
 
-def meminfo_layout(template: str) -> MeminfoLayout:
-    """The key order and column layout of a meminfo text; constant for a running kernel,
-    so the daemon computes it once."""
-    out = []
-    for line in template.splitlines():
+def meminfo_layout(text: str) -> MeminfoLayout:
+    """Computed once per daemon: the layout is constant for a running kernel."""
+    keys, parts = [], []
+    for line in text.splitlines():
         key, sep, rest = line.partition(":")
         if not sep:
             continue
         stripped = rest.lstrip(" ")
         number, _, suffix = stripped.partition(" ")
-        out.append((key, len(rest) - len(stripped) + len(number), suffix))
-    return tuple(out)
+        field = max(8, len(number))
+        pad = max(0, len(rest) - len(stripped) + len(number) - field)
+        prefix = f"{key}:{rest[:pad]}"
+        keys.append(key)
+        esc = prefix.replace("{", "{{").replace("}", "}}")
+        parts.append(f"{esc}{{:>8}}{' ' + suffix if suffix else ''}\n")
+    return MeminfoLayout(tuple(keys), "".join(parts))
 
 
 @dataclass(frozen=True)

@@ -241,3 +241,10 @@ def test_recorded_mountinfo_and_cgroup_resolve(fx: Path) -> None:
         next(h for h in hier if h.version == 2)
     assert procs.path_in(mem) == meta["path"]
     assert mem.directory(meta["path"]) == mem.mountpoint.rstrip("/") + meta["path"]
+
+
+def test_layout_reproduces_the_host_text_exactly(fx: Path) -> None:
+    from cgprocfs.snapshot import meminfo_layout
+
+    text = (fx / "proc/meminfo").read_text()
+    assert meminfo_layout(text).format(parse_meminfo(text)) == text

@@ -158,9 +158,4 @@ def render_meminfo(host: HostMemory, view: MemoryView, opts: RenderOptions) -> b
 def render_like_host(layout: MeminfoLayout, values: Mapping[str, int]) -> bytes:
     """The host's meminfo with each number replaced (0 where `values` has none), keeping
     its keys, order, column alignment and units, so every parser keeps working."""
-    out = []
-    for key, width, suffix in layout:
-        num = str(values.get(key, 0))
-        out.append(f"{key}:{num.rjust(width) if len(num) < width else ' ' + num}"
-                   f"{' ' + suffix if suffix else ''}\n")
-    return "".join(out).encode()
+    return layout.format(values).encode()
