@@ -14,7 +14,7 @@ from cgprocfs.views import VIEWS, VIEWS_BY_PATH, View
 
 def _view(name: str) -> View:
     key = name.lstrip("/")
-    for candidate in (key, f"proc/{key}"):
+    for candidate in (key, f"proc/{key}", f"sys/devices/system/cpu/{key}"):
         if candidate in VIEWS_BY_PATH:
             return VIEWS_BY_PATH[candidate]
     known = ", ".join(v.path for v in VIEWS)
@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a command in a transient cgroup with the views")
     r.add_argument("--memory", "-m", help="memory limit, e.g. 256M")
     r.add_argument("--memory-swap", help="memory + swap limit (as Docker's --memory-swap)")
+    r.add_argument("--cpus", type=float, help="CPU quota in CPUs, e.g. 1.5")
+    r.add_argument("--cpuset", help="CPUs the command may run on, e.g. 0 or 0-1")
     r.add_argument("--hide-swap", action="store_true")
     r.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
 
@@ -108,12 +110,15 @@ def _show(args: argparse.Namespace) -> int:
             out.write(f"{'' if i == 0 else chr(10)}==> {view.host_path} (pid {pid}) <==\n"
                       .encode())
         out.write(renderer.render(view, pid))
-    out.flush()
+    try:
+        out.flush()
+    except BrokenPipeError:  # `cgprocfs show ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
-    from cgprocfs.run import RunError, parse_size, run
+    from cgprocfs.run import Limits, RunError, parse_size, run
 
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
@@ -122,7 +127,8 @@ def _run(args: argparse.Namespace) -> int:
         memory = parse_size(args.memory) if args.memory else None
         swap = parse_size(args.memory_swap) if args.memory_swap else None
         serve_args = ["--hide-swap"] if args.hide_swap else []
-        return run(cmd, memory, swap, serve_args)
+        limits = Limits(memory, swap, args.cpus, args.cpuset)
+        return run(cmd, limits, serve_args)
     except (RunError, ValueError) as exc:
         print(f"cgprocfs run: {exc}", file=sys.stderr)
         return 125

@@ -22,6 +22,8 @@ from cgprocfs.cgroups import (
     read_proc_cgroup,
     read_small,
 )
+from cgprocfs.cpu import CpuReader, CpuView
+from cgprocfs.render.cpu import HostStat, parse_host_stat
 from cgprocfs.snapshot import (
     HostMemory,
     MemoryView,
@@ -32,6 +34,16 @@ from cgprocfs.snapshot import (
     parse_limit,
     parse_meminfo,
 )
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """What one open of a CPU view renders from. `view` None: serve the host's file."""
+
+    view: CpuView | None
+    host_stat: HostStat
+    host_cpuinfo: str
+    caller: str = ""
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,9 @@ def _limit_at(path: str) -> int | None:
     text = _read_optional(path)
     return None if text is None else parse_limit(text)
 
+
+# How old the host's cpuinfo may be.
+CPUINFO_MAX_AGE = 10.0
 
 # How old the host's meminfo may be when it is used to cap a cgroup's figures.
 HOST_MAX_AGE = 0.05
@@ -204,7 +219,7 @@ def _ppid(proc: str, pid: int) -> int:
 class Resolver:
     """Turns a caller pid into a Snapshot. One per daemon; holds only small caches."""
 
-    def __init__(self, layout: Layout, proc: str = "/proc") -> None:
+    def __init__(self, layout: Layout, proc: str = "/proc", use_quota: bool = True) -> None:
         self.layout = layout
         self.memory = layout.for_controller("memory")
         self.proc = proc
@@ -226,6 +241,33 @@ class Resolver:
         self._meminfo_keys = [tokens[i - 1][:-1] for i in self._meminfo_positions]
         self._host: HostMemory | None = None
         self._host_at = 0.0
+        self.cpu = CpuReader(layout.for_controller("cpu"), layout.for_controller("cpuacct"),
+                             layout.for_controller("cpuset"), use_quota=use_quota)
+        with open(f"{proc}/stat") as f:
+            self.host_stat = parse_host_stat(f.read())
+        self._cpuinfo = ""
+        self._cpuinfo_at = -CPUINFO_MAX_AGE
+
+    def host_cpuinfo(self) -> str:
+        """The host's /proc/cpuinfo, at most CPUINFO_MAX_AGE old (only "cpu MHz" moves,
+        and the kernel takes a while to produce the file)."""
+        now = time.monotonic()
+        if now - self._cpuinfo_at >= CPUINFO_MAX_AGE:
+            with open(f"{self.proc}/cpuinfo") as f:
+                self._cpuinfo = f.read()
+            self._cpuinfo_at = now
+        return self._cpuinfo
+
+    def cpu_snapshot(self, pid: int) -> CpuSnapshot:
+        if pid <= 0:
+            return CpuSnapshot(None, self.host_stat, "")
+        caller = read_small(f"{self.proc}/{pid}/cgroup")
+        procs = parse_proc_cgroup(caller)
+        if self.cpu.at_root(procs):
+            return CpuSnapshot(None, self.host_stat, "", caller)
+        view = self.cpu.view(procs, lambda h, own: self.container_path(pid, h, own),
+                             self.namespace_init(pid))
+        return CpuSnapshot(view, self.host_stat, self.host_cpuinfo(), caller)
 
     def host_memory(self) -> HostMemory:
         """The host's meminfo, at most HOST_MAX_AGE old: its figures only cap ours (free

@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cgprocfs.cgroups import Hierarchy, load_layout, read_proc_cgroup
+from cgprocfs.cgroups import Hierarchy, Layout, load_layout, read_proc_cgroup
 from cgprocfs.serve import DEFAULT_MOUNTPOINT, lazy_unmount, mounted_at
 from cgprocfs.views import VIEWS
 
@@ -65,13 +65,56 @@ def _write(path: str, value: str) -> None:
         f.write(value)
 
 
+@dataclass(frozen=True)
+class Limits:
+    memory: int | None = None
+    memory_swap: int | None = None
+    cpus: float | None = None  # CFS quota in CPUs
+    cpuset: str | None = None  # e.g. "0" or "0-1"
+
+    def check(self) -> None:
+        if self.memory_swap is not None and self.memory is None:
+            raise RunError("--memory-swap needs --memory")
+        if self.memory_swap is not None and self.memory is not None and \
+                self.memory_swap < self.memory:
+            raise RunError("--memory-swap is memory plus swap: it cannot be below --memory")
+        if self.cpus is not None and self.cpus <= 0:
+            raise RunError("--cpus must be above 0")
+
+
+CFS_PERIOD = 100_000
+
+
 @dataclass
 class TransientCgroup:
-    hierarchy: Hierarchy
-    directory: str
+    """One cgroup per hierarchy involved (v1: memory, cpu, cpuacct, cpuset; v2: one)."""
+
+    directories: list[str]
+    version: int
 
     @classmethod
-    def create(cls, h: Hierarchy, memory: int | None, memory_swap: int | None) -> TransientCgroup:
+    def create(cls, layout: Layout, limits: Limits) -> TransientCgroup:
+        limits.check()
+        wanted = ["memory", "cpu", "cpuacct"] + (["cpuset"] if limits.cpuset else [])
+        hierarchies: list[Hierarchy] = []
+        for controller in wanted:
+            h = layout.for_controller(controller)
+            if h is not None and h not in hierarchies:
+                hierarchies.append(h)
+        if not hierarchies:
+            raise RunError("no memory cgroup controller is mounted")
+        cg = cls([], hierarchies[0].version)
+        try:
+            for h in hierarchies:
+                cg.directories.append(cls._make(h, wanted))
+            cg._set_limits(hierarchies, limits)
+        except BaseException:
+            cg.destroy()
+            raise
+        return cg
+
+    @staticmethod
+    def _make(h: Hierarchy, controllers: list[str]) -> str:
         own = read_proc_cgroup(os.getpid()).path_in(h) or "/"
         beside = h.version == 2 and own != "/"
         parent = (own.rsplit("/", 1)[0] or "/") if beside else own
@@ -79,65 +122,90 @@ class TransientCgroup:
         if parent_dir is None:
             raise RunError(f"cgroup {parent} is not visible under {h.mountpoint}")
         if h.version == 2:
-            try:
-                _write(os.path.join(parent_dir, "cgroup.subtree_control"), "+memory")
-            except OSError as exc:
-                log.debug("enabling +memory in %s: %s", parent_dir, exc)
+            for c in controllers:
+                try:
+                    _write(os.path.join(parent_dir, "cgroup.subtree_control"), f"+{c}")
+                except OSError as exc:
+                    log.debug("enabling +%s in %s: %s", c, parent_dir, exc)
         directory = os.path.join(parent_dir, f"cgprocfs-run-{os.getpid()}")
         os.mkdir(directory)
-        cg = cls(h, directory)
-        try:
-            cg.set_limits(memory, memory_swap)
-        except BaseException:
-            cg.destroy()
-            raise
-        return cg
+        if h.version == 1 and "cpuset" in h.controllers:
+            # A v1 cpuset takes no task until its cpus and mems are set.
+            for name in ("cpuset.cpus", "cpuset.mems"):
+                with open(os.path.join(parent_dir, name)) as f:
+                    _write(os.path.join(directory, name), f.read().strip() or "0")
+        return directory
 
-    def set_limits(self, memory: int | None, memory_swap: int | None) -> None:
-        d = self.directory
-        if memory_swap is not None and memory is None:
-            raise RunError("--memory-swap needs --memory")
-        if memory_swap is not None and memory is not None and memory_swap < memory:
-            raise RunError("--memory-swap is memory plus swap: it cannot be below --memory")
-        if self.hierarchy.version == 2:
-            if memory is not None:
-                _write(f"{d}/memory.max", str(memory))
-            if memory_swap is not None and memory is not None:
-                _write(f"{d}/memory.swap.max", str(memory_swap - memory))
-        else:
-            if memory is not None:
-                _write(f"{d}/memory.limit_in_bytes", str(memory))
-            if memory_swap is not None:
+    def _set_limits(self, hierarchies: list[Hierarchy], limits: Limits) -> None:
+        for h, d in zip(hierarchies, self.directories, strict=True):
+            if h.version == 2:
+                self._set_v2(d, limits)
+            else:
+                self._set_v1(h, d, limits)
+
+    @staticmethod
+    def _set_v2(d: str, limits: Limits) -> None:
+        if limits.memory is not None:
+            _write(f"{d}/memory.max", str(limits.memory))
+        if limits.memory_swap is not None and limits.memory is not None:
+            _write(f"{d}/memory.swap.max", str(limits.memory_swap - limits.memory))
+        if limits.cpus is not None:
+            _write(f"{d}/cpu.max", f"{round(limits.cpus * CFS_PERIOD)} {CFS_PERIOD}")
+        if limits.cpuset is not None:
+            if not os.path.exists(f"{d}/cpuset.cpus"):
+                raise RunError("--cpuset: the cpuset controller is not available here")
+            _write(f"{d}/cpuset.cpus", limits.cpuset)
+
+    @staticmethod
+    def _set_v1(h: Hierarchy, d: str, limits: Limits) -> None:
+        if "memory" in h.controllers:
+            if limits.memory is not None:
+                _write(f"{d}/memory.limit_in_bytes", str(limits.memory))
+            if limits.memory_swap is not None:
                 if not os.path.exists(f"{d}/memory.memsw.limit_in_bytes"):
                     raise RunError("--memory-swap: this kernel has no swap accounting "
                                    "(boot with swapaccount=1)")
-                _write(f"{d}/memory.memsw.limit_in_bytes", str(memory_swap))
+                _write(f"{d}/memory.memsw.limit_in_bytes", str(limits.memory_swap))
+        if "cpu" in h.controllers and limits.cpus is not None:
+            _write(f"{d}/cpu.cfs_period_us", str(CFS_PERIOD))
+            _write(f"{d}/cpu.cfs_quota_us", str(round(limits.cpus * CFS_PERIOD)))
+        if "cpuset" in h.controllers and limits.cpuset is not None:
+            _write(f"{d}/cpuset.cpus", limits.cpuset)
+
+    def procs_files(self) -> list[str]:
+        return [os.path.join(d, "cgroup.procs") for d in self.directories]
 
     def procs(self) -> list[int]:
-        try:
-            with open(f"{self.directory}/cgroup.procs") as f:
-                return [int(x) for x in f.read().split()]
-        except FileNotFoundError:
-            return []
+        pids: set[int] = set()
+        for d in self.directories:
+            try:
+                with open(f"{d}/cgroup.procs") as f:
+                    pids.update(int(x) for x in f.read().split())
+            except FileNotFoundError:
+                pass
+        return sorted(pids)
 
     def destroy(self) -> None:
-        """Kill whatever is left in the cgroup and remove it."""
+        """Kill whatever is left in the cgroups and remove them."""
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             pids = self.procs()
             if not pids:
-                try:
-                    os.rmdir(self.directory)
+                left = []
+                for d in self.directories:
+                    try:
+                        os.rmdir(d)
+                    except FileNotFoundError:
+                        pass
+                    except OSError:
+                        left.append(d)  # EBUSY until the last task is reaped
+                if not left:
                     return
-                except FileNotFoundError:
-                    return
-                except OSError:
-                    pass  # EBUSY until the last task is reaped
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.05)
-        log.error("could not remove %s: processes remain %s", self.directory, self.procs())
+        log.error("could not remove %s: processes remain %s", self.directories, self.procs())
 
 
 def serving_mountpoint(path: str = DEFAULT_MOUNTPOINT) -> bool:
@@ -198,10 +266,11 @@ class PrivateDaemon:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _enter(procs_file: str, binds: list[tuple[str, str]]) -> None:
-    """In the child, between fork and exec: join the cgroup, get a private mount
+def _enter(procs_files: list[str], binds: list[tuple[str, str]]) -> None:
+    """In the child, between fork and exec: join the cgroups, get a private mount
     namespace, bind the views over the files they replace."""
-    _write(procs_file, str(os.getpid()))
+    for procs_file in procs_files:
+        _write(procs_file, str(os.getpid()))
     libc = _libc()
     _check(libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     _check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
@@ -211,15 +280,13 @@ def _enter(procs_file: str, binds: list[tuple[str, str]]) -> None:
                    f"bind {source} over {target}")
 
 
-def run(cmd: Sequence[str], memory: int | None, memory_swap: int | None,
-        serve_args: Sequence[str] = ()) -> int:
+def run(cmd: Sequence[str], limits: Limits, serve_args: Sequence[str] = ()) -> int:
     if os.geteuid() != 0:
         raise RunError("cgprocfs run must run as root (it creates cgroups and mounts)")
     if not cmd:
         raise RunError("no command given (cgprocfs run --memory 256M -- CMD ...)")
-    h = load_layout().for_controller("memory")
-    if h is None:
-        raise RunError("no memory cgroup controller is mounted")
+    limits.check()
+    layout = load_layout()
     daemon: PrivateDaemon | None = None
     if serving_mountpoint(DEFAULT_MOUNTPOINT) and not serve_args:
         mountpoint = DEFAULT_MOUNTPOINT
@@ -229,11 +296,11 @@ def run(cmd: Sequence[str], memory: int | None, memory_swap: int | None,
         mountpoint = daemon.mountpoint
     cg: TransientCgroup | None = None
     try:
-        cg = TransientCgroup.create(h, memory, memory_swap)
+        cg = TransientCgroup.create(layout, limits)
         binds = [(os.path.join(mountpoint, v.path), v.host_path) for v in VIEWS]
-        procs_file = os.path.join(cg.directory, "cgroup.procs")
+        procs_files = cg.procs_files()
         try:
-            child = subprocess.Popen(list(cmd), preexec_fn=lambda: _enter(procs_file, binds))
+            child = subprocess.Popen(list(cmd), preexec_fn=lambda: _enter(procs_files, binds))
         except FileNotFoundError:
             print(f"cgprocfs run: command not found: {cmd[0]}", file=sys.stderr)
             return 127

@@ -8,22 +8,33 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cgprocfs.cgroups import read_small
+from cgprocfs.cpu import CpuView
+from cgprocfs.render.cpu import (
+    CpuTimes,
+    cpu_times,
+    render_cpu_list,
+    render_cpuinfo,
+    render_stat,
+    render_uptime,
+)
 from cgprocfs.render.meminfo import render_meminfo
 from cgprocfs.render.swaps import render_swaps
 from cgprocfs.render.vmstat import render_vmstat
-from cgprocfs.resolve import Resolver
+from cgprocfs.resolve import CpuSnapshot, Resolver
 from cgprocfs.snapshot import HostMemory, MemoryView, OddCgroupData, RenderOptions
 
 log = logging.getLogger(__name__)
 
 MemoryRenderer = Callable[[HostMemory, MemoryView, RenderOptions], bytes]
+CpuRenderer = Callable[[CpuView, CpuSnapshot, CpuTimes], bytes]
 
 
 @dataclass(frozen=True)
 class View:
     path: str  # inside the mount, e.g. "proc/meminfo"
     host_path: str  # the file it replaces, e.g. "/proc/meminfo"
-    render: MemoryRenderer
+    render: MemoryRenderer | None = None
+    cpu_render: CpuRenderer | None = None
     needs_events: bool = False  # memory.events / oom_control: only vmstat shows them
     # runc (Docker, Kubernetes) only lets a container bind over an allow-list of /proc
     # files; /proc/vmstat is not on it, so `docker-args` leaves such views out by default.
@@ -36,10 +47,21 @@ class Rendered:
     caller: str  # the caller's /proc/PID/cgroup at rendering; "" if unknown
 
 
+def _cpu_list(view: CpuView, _snap: CpuSnapshot, _times: CpuTimes) -> bytes:
+    return render_cpu_list(view)
+
+
 VIEWS: tuple[View, ...] = (
     View("proc/meminfo", "/proc/meminfo", render_meminfo),
     View("proc/vmstat", "/proc/vmstat", render_vmstat, needs_events=True, runc_bindable=False),
     View("proc/swaps", "/proc/swaps", render_swaps),
+    View("proc/cpuinfo", "/proc/cpuinfo",
+         cpu_render=lambda v, snap, _t: render_cpuinfo(snap.host_cpuinfo, v)),
+    View("proc/stat", "/proc/stat",
+         cpu_render=lambda v, snap, t: render_stat(snap.host_stat, v, t)),
+    View("proc/uptime", "/proc/uptime", cpu_render=lambda v, _s, t: render_uptime(v, t)),
+    *(View(f"sys/devices/system/cpu/{name}", f"/sys/devices/system/cpu/{name}",
+           cpu_render=_cpu_list) for name in ("online", "possible", "present")),
 )
 VIEWS_BY_PATH = {v.path: v for v in VIEWS}
 
@@ -53,11 +75,16 @@ class Renderer:
         self.opts = opts or RenderOptions()
         self._warned: set[str] = set()
         self.fallbacks = 0
+        # Last CPU counters shown per container, so that every counter only grows.
+        self._times: dict[tuple[str, float], CpuTimes] = {}
 
     def render(self, view: View, pid: int) -> bytes:
         return self.render_for(view, pid).data
 
     def render_for(self, view: View, pid: int) -> Rendered:
+        if view.cpu_render is not None:
+            return self._render_cpu(view, view.cpu_render, pid)
+        assert view.render is not None
         try:
             snap = self.resolver.snapshot(pid, view.needs_events)
         except (OSError, OddCgroupData) as exc:
@@ -67,6 +94,22 @@ class Renderer:
         if snap.memory is None:
             return Rendered(read_small(view.host_path).encode(), snap.caller)
         return Rendered(view.render(snap.host, snap.memory, self.opts), snap.caller)
+
+    def _render_cpu(self, view: View, render: CpuRenderer, pid: int) -> Rendered:
+        try:
+            snap = self.resolver.cpu_snapshot(pid)
+        except (OSError, OddCgroupData, ValueError, IndexError) as exc:
+            self.fallbacks += 1
+            self._warn_once(pid, exc)
+            return Rendered(read_small(view.host_path).encode(), "")
+        if snap.view is None:
+            return Rendered(read_small(view.host_path).encode(), snap.caller)
+        key = (snap.view.cgroup, snap.view.start)
+        times = cpu_times(snap.view).at_least(self._times.get(key))
+        if len(self._times) > 8192:
+            self._times.clear()
+        self._times[key] = times
+        return Rendered(render(snap.view, snap, times), snap.caller)
 
     def _warn_once(self, pid: int, exc: Exception) -> None:
         try:

@@ -1,0 +1,257 @@
+"""CPU figures of the cgroup that speaks for a caller (design.md §5): which CPUs it may use,
+how much CPU time it has used, how old it is, how many of its tasks run or wait.
+
+- visible CPUs: the effective cpuset ∩ online CPUs, cut to ceil(quota / period) when a CFS
+  quota binds (the minimum quota/period on the path; optional), at least one;
+- usage, age and task counts: the container's cgroup (its pid namespace init's, without
+  /init.scope; the caller's own in the host pid namespace).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cgprocfs.cgroups import Hierarchy, ProcCgroups, ancestors, read_small
+from cgprocfs.snapshot import OddCgroupData, parse_flat_keyed
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class CpuView:
+    version: int
+    cgroup: str  # the container's cgroup, whose usage is shown
+    cpus: tuple[int, ...]  # host CPU numbers shown, in order (renumbered from 0 when shown)
+    user_us: int
+    system_us: int
+    start: float  # the container's start, seconds since boot
+    now: float  # the moment of the snapshot, seconds since boot
+    running: int = 0
+    blocked: int = 0
+    threads: int = 0
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """`0-3,8,10-11` -> [0, 1, 2, 3, 8, 10, 11]; raises OddCgroupData on garbage."""
+    out: list[int] = []
+    text = text.strip()
+    if not text:
+        return out
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            out.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError as exc:
+        raise OddCgroupData(f"unparsable cpu list {text[:40]!r}") from exc
+    return out
+
+
+def format_cpu_list(n: int) -> str:
+    return "0" if n <= 1 else f"0-{n - 1}"
+
+
+def parse_quota(text: str, version: int, period_text: str | None = None) -> float | None:
+    """CPUs' worth of CFS quota: v2 `cpu.max` ("max 100000" / "150000 100000"), v1
+    `cpu.cfs_quota_us` (-1 = none) with `cpu.cfs_period_us`. None = no quota."""
+    try:
+        if version == 2:
+            quota, period = text.split()[:2]
+            if quota == "max":
+                return None
+            return int(quota) / int(period)
+        q = int(text.strip())
+        if q < 0:
+            return None
+        return q / int((period_text or "100000").strip())
+    except (ValueError, IndexError, ZeroDivisionError) as exc:
+        raise OddCgroupData(f"unparsable cpu quota {text[:40]!r}") from exc
+
+
+def visible_count(cpuset: list[int], quota: float | None) -> int:
+    if quota is None:
+        return max(1, len(cpuset))
+    return max(1, min(len(cpuset), math.ceil(quota - 1e-9)))
+
+
+def _optional(path: str) -> str | None:
+    try:
+        return read_small(path)
+    except FileNotFoundError:
+        return None
+
+
+def host_uptime() -> float:
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def _start_seconds(pid: int, proc: str = "/proc") -> float:
+    stat = read_small(f"{proc}/{pid}/stat")
+    return int(stat[stat.rindex(")") + 2 :].split()[19]) / CLK_TCK
+
+
+def _task_states(d: str, version: int) -> tuple[int, int, int]:
+    """(running, uninterruptible, threads) over a cgroup and its descendants."""
+    running = blocked = threads = 0
+    listing = "cgroup.threads" if version == 2 else "tasks"
+    for root, _dirs, _files in os.walk(d):
+        text = _optional(os.path.join(root, listing)) or ""
+        for tid in text.split():
+            try:
+                stat = read_small(f"/proc/{tid}/stat")
+            except OSError:
+                continue
+            state = stat[stat.rindex(")") + 2]
+            threads += 1
+            if state == "R":
+                running += 1
+            elif state == "D":
+                blocked += 1
+    return running, blocked, threads
+
+
+class CpuReader:
+    """Reads CpuView for callers; holds small caches with explicit bounds."""
+
+    # Task states are a gauge sampled for procs_running/blocked: at most this old.
+    TASKS_MAX_AGE = 1.0
+
+    def __init__(self, cpu: Hierarchy | None, cpuacct: Hierarchy | None,
+                 cpuset: Hierarchy | None, use_quota: bool = True) -> None:
+        self.cpu, self.cpuacct, self.cpuset = cpu, cpuacct, cpuset
+        self.use_quota = use_quota
+        self._oldest: dict[str, tuple[int, float]] = {}
+        self._tasks: dict[str, tuple[float, tuple[int, int, int]]] = {}
+
+    def at_root(self, procs: ProcCgroups) -> bool:
+        """A caller at the root of every CPU hierarchy sees the host's CPU files."""
+        for h in (self.cpu, self.cpuacct, self.cpuset):
+            if h is not None and (procs.path_in(h) or "/") != "/":
+                return False
+        return True
+
+    def online(self) -> list[int]:
+        return parse_cpu_list(read_small("/sys/devices/system/cpu/online"))
+
+    def view(self, procs: ProcCgroups, container: Callable[[Hierarchy, str], str],
+             ns_init: int | None) -> CpuView:
+        online = self.online()
+        cpuset = self._cpuset(procs, online)
+        quota = self._quota(procs) if self.use_quota else None
+        n = visible_count(cpuset, quota)
+        acct = self.cpuacct or self.cpu
+        if acct is None:
+            raise OddCgroupData("no cpu accounting hierarchy")
+        own = procs.path_in(acct) or "/"
+        path = container(acct, own)
+        d = acct.directory(path)
+        if d is None:
+            raise OddCgroupData(f"cgroup {path} is outside the mounted hierarchy")
+        user_us, system_us = self._usage(acct, d)
+        now = host_uptime()
+        start = self._start(d, acct.version, ns_init, now)
+        running, blocked, threads = self._tasks_of(d, acct.version)
+        return CpuView(acct.version, path, tuple(cpuset[:n]), user_us, system_us, start, now,
+                       running, blocked, threads)
+
+    def _cpuset(self, procs: ProcCgroups, online: list[int]) -> list[int]:
+        h = self.cpuset
+        if h is None:
+            return online
+        own = procs.path_in(h) or "/"
+        name = "cpuset.cpus.effective" if h.version == 2 else "cpuset.effective_cpus"
+        for p in ancestors(own):
+            d = h.directory(p)
+            if d is None:
+                break
+            text = _optional(f"{d}/{name}")
+            if text is not None and text.strip():
+                allowed = set(parse_cpu_list(text))
+                return [c for c in online if c in allowed] or online
+        return online
+
+    def _quota(self, procs: ProcCgroups) -> float | None:
+        h = self.cpu
+        if h is None:
+            return None
+        best: float | None = None
+        for p in ancestors(procs.path_in(h) or "/"):
+            if p == "/":
+                break
+            d = h.directory(p)
+            if d is None:
+                break
+            if h.version == 2:
+                text = _optional(f"{d}/cpu.max")
+                q = parse_quota(text, 2) if text is not None else None
+            else:
+                text = _optional(f"{d}/cpu.cfs_quota_us")
+                q = None if text is None else parse_quota(
+                    text, 1, _optional(f"{d}/cpu.cfs_period_us"))
+            if q is not None and (best is None or q < best):
+                best = q
+        return best
+
+    @staticmethod
+    def _usage(h: Hierarchy, d: str) -> tuple[int, int]:
+        if h.version == 2:
+            stat = parse_flat_keyed(read_small(f"{d}/cpu.stat"))
+            return stat.get("user_usec", 0), stat.get("system_usec", 0)
+        text = _optional(f"{d}/cpuacct.usage_all")
+        if text is not None:
+            user = system = 0
+            for line in text.splitlines()[1:]:
+                parts = line.split()
+                if len(parts) == 3:
+                    user += int(parts[1])
+                    system += int(parts[2])
+            return user // 1000, system // 1000
+        stat = parse_flat_keyed(read_small(f"{d}/cpuacct.stat"))
+        return (stat.get("user", 0) * 1_000_000 // CLK_TCK,
+                stat.get("system", 0) * 1_000_000 // CLK_TCK)
+
+    def _start(self, d: str, version: int, ns_init: int | None, now: float) -> float:
+        """The container's start: its pid namespace init's start time, or, in the host
+        pid namespace, that of the oldest process in the cgroup (cached while it lives)."""
+        if ns_init is not None:
+            try:
+                return _start_seconds(ns_init)
+            except (OSError, ValueError, IndexError):
+                pass
+        cached = self._oldest.get(d)
+        if cached is not None:
+            pid, start = cached
+            try:
+                if _start_seconds(pid) == start:
+                    return start
+            except (OSError, ValueError, IndexError):
+                pass
+        oldest: tuple[int, float] | None = None
+        for root, _dirs, _files in os.walk(d):
+            for pid_text in (_optional(os.path.join(root, "cgroup.procs")) or "").split():
+                try:
+                    s = _start_seconds(int(pid_text))
+                except (OSError, ValueError, IndexError):
+                    continue
+                if oldest is None or s < oldest[1]:
+                    oldest = (int(pid_text), s)
+        if oldest is None:
+            return now
+        if len(self._oldest) > 4096:
+            self._oldest.clear()
+        self._oldest[d] = oldest
+        return oldest[1]
+
+    def _tasks_of(self, d: str, version: int) -> tuple[int, int, int]:
+        now = time.monotonic()
+        hit = self._tasks.get(d)
+        if hit is not None and now - hit[0] < self.TASKS_MAX_AGE:
+            return hit[1]
+        value = _task_states(d, version)
+        if len(self._tasks) > 4096:
+            self._tasks.clear()
+        self._tasks[d] = (now, value)
+        return value
