@@ -20,6 +20,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 VIEW_FILES = ("proc/meminfo", "proc/vmstat", "proc/swaps")
+CPU_VIEW_FILES = ("proc/cpuinfo", "proc/stat", "proc/uptime", "sys/devices/system/cpu/online",
+                  "sys/devices/system/cpu/possible", "sys/devices/system/cpu/present")
+ALL_VIEW_FILES = VIEW_FILES + CPU_VIEW_FILES
 MiB = 1 << 20
 
 
@@ -144,6 +147,103 @@ def make_cgroup(limit: int | None = None) -> Iterator[Cgroup]:
         cg.remove()
 
 
+def hierarchies() -> dict[str, tuple[int, str]]:
+    """controller -> (version, mountpoint) for memory, cpu, cpuacct, cpuset."""
+    out: dict[str, tuple[int, str]] = {}
+    v2 = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, rfields = left.split(), right.split()
+            if rfields[0] == "cgroup":
+                for c in rfields[2].split(","):
+                    if c in ("memory", "cpu", "cpuacct", "cpuset"):
+                        out.setdefault(c, (1, fields[4]))
+            elif rfields[0] == "cgroup2" and v2 is None:
+                v2 = fields[4]
+    if v2:
+        enabled = Path(v2, "cgroup.controllers").read_text().split()
+        for c in ("memory", "cpu", "cpuset"):
+            if c in enabled:
+                out.setdefault(c, (2, v2))
+        if "cpu" in enabled:
+            out.setdefault("cpuacct", (2, v2))
+    return out
+
+
+@dataclass
+class Container:
+    """A cgroup in every hierarchy that matters (one directory on v2)."""
+
+    version: int
+    dirs: dict[str, Path]  # controller -> directory
+
+    @property
+    def procs_files(self) -> list[Path]:
+        return sorted({d / "cgroup.procs" for d in self.dirs.values()})
+
+    def write(self, controller: str, name: str, value: str) -> None:
+        (self.dirs[controller] / name).write_text(value)
+
+    def set_cpus(self, cpus: float) -> None:
+        if self.version == 2:
+            self.write("cpu", "cpu.max", f"{round(cpus * 100000)} 100000")
+        else:
+            self.write("cpu", "cpu.cfs_period_us", "100000")
+            self.write("cpu", "cpu.cfs_quota_us", str(round(cpus * 100000)))
+
+    def set_cpuset(self, cpus: str) -> None:
+        self.write("cpuset", "cpuset.cpus", cpus)
+
+    def remove(self) -> None:
+        for d in sorted(set(self.dirs.values()), reverse=True):
+            Cgroup(self.version, d).remove()
+
+
+@contextlib.contextmanager
+def make_container(memory: int | None = None, cpuset: bool = False) -> Iterator[Container]:
+    """Cgroups for memory, cpu, cpuacct (and cpuset if asked) beneath the test process's
+    own, like a container runtime makes; removed afterwards."""
+    hs = hierarchies()
+    name = f"cgprocfs-test-{uuid.uuid4().hex[:8]}"
+    wanted = ["memory", "cpu", "cpuacct"] + (["cpuset"] if cpuset else [])
+    dirs: dict[str, Path] = {}
+    made: dict[str, Path] = {}
+    version = hs["memory"][0]
+    try:
+        for c in wanted:
+            if c not in hs:
+                continue
+            v, mnt = hs[c]
+            if mnt in made:
+                dirs[c] = made[mnt]
+                continue
+            own = next(ln.split(":", 2)[2] for ln in Path("/proc/self/cgroup").read_text()
+                       .splitlines() if (v == 2 and ln.split(":")[1] == "") or
+                       (v == 1 and c in ln.split(":")[1].split(",")))
+            if v == 2 and own != "/":
+                own = own.rsplit("/", 1)[0] or "/"
+            base = Path(mnt + (own if own != "/" else ""))
+            if v == 2:
+                for ctl in wanted:
+                    with contextlib.suppress(OSError):
+                        (base / "cgroup.subtree_control").write_text(f"+{ctl}")
+            d = base / name
+            d.mkdir()
+            made[mnt] = d
+            dirs[c] = d
+            if v == 1 and c == "cpuset":
+                for f in ("cpuset.cpus", "cpuset.mems"):
+                    (d / f).write_text((base / f).read_text().strip())
+        ct = Container(version, dirs)
+        if memory is not None:
+            Cgroup(version, dirs["memory"]).set_limit(memory)
+        yield ct
+    finally:
+        for d in sorted(set(made.values()), reverse=True):
+            Cgroup(version, d).remove()
+
+
 @dataclass
 class Daemon:
     mountpoint: Path
@@ -214,23 +314,28 @@ def running_daemon(args: Sequence[str] = (), module: Sequence[str] = ("-m", "cgp
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def in_container(cg: Cgroup, mountpoint: Path, cmd: Sequence[str],
-                 views: Sequence[str] = VIEW_FILES) -> list[str]:
-    """A command line that joins `cg`, enters a private mount namespace, binds the views
-    over /proc and execs `cmd` — what a container runtime does, with util-linux."""
+def in_container(cg: Cgroup | Container, mountpoint: Path, cmd: Sequence[str],
+                 views: Sequence[str] = VIEW_FILES, pid_ns: bool = False) -> list[str]:
+    """A command line that joins `cg`, enters a private mount namespace (and a new pid
+    namespace with its own /proc if asked), binds the views over /proc and /sys and execs
+    `cmd` — what a container runtime does, with util-linux."""
     binds = "; ".join(
         f"mount --bind {mountpoint}/{v} /{v}" for v in views
     )
     inner = f"set -e; {binds}; exec \"$@\""
-    outer = f'echo $$ > {cg.dir}/cgroup.procs && exec unshare --mount --propagation private ' \
+    procs = cg.procs_files if isinstance(cg, Container) else [cg.dir / "cgroup.procs"]
+    join = " && ".join(f"echo $$ > {p}" for p in procs)
+    ns = "--pid --fork --kill-child --mount-proc " if pid_ns else ""
+    outer = f'{join} && exec unshare --mount --propagation private {ns}' \
             f'-- sh -c \'{inner}\' sh "$@"'
     return ["sh", "-c", outer, "sh", *cmd]
 
 
-def run_in_container(cg: Cgroup, mountpoint: Path, cmd: Sequence[str],
-                     timeout: float = 60) -> str:
-    res = subprocess.run(in_container(cg, mountpoint, cmd), capture_output=True, text=True,
-                         timeout=timeout)
+def run_in_container(cg: Cgroup | Container, mountpoint: Path, cmd: Sequence[str],
+                     timeout: float = 60, views: Sequence[str] = VIEW_FILES,
+                     pid_ns: bool = False) -> str:
+    res = subprocess.run(in_container(cg, mountpoint, cmd, views, pid_ns), capture_output=True,
+                         text=True, timeout=timeout)
     if res.returncode != 0:
         raise AssertionError(f"{cmd} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
     return res.stdout

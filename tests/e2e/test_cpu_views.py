@@ -1,0 +1,152 @@
+"""CPU and time views end to end: real cgroups (cpuset / CFS quota / cpuacct on v1,
+cpu.max and cpu.stat on v2), the real mount bound over /proc and /sys, and the real
+getconf, Python, procps top and uptime inside."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import time
+
+import pytest
+from support import (
+    ALL_VIEW_FILES,
+    PYTHON,
+    Container,
+    Daemon,
+    in_container,
+    make_container,
+    run_in_container,
+)
+
+ONLINE = len(os.sched_getaffinity(0))
+BURN = [PYTHON, "-c", "import time\nt = time.time()\nwhile time.time() - t < 30: pass"]
+
+COUNT_CPUS = (
+    "getconf _NPROCESSORS_ONLN; "
+    f"{PYTHON} -c 'import os; print(os.cpu_count())'; "
+    "grep -c ^processor /proc/cpuinfo; "
+    "COLUMNS=512 top -1 -b -n1 | grep -o '%Cpu[0-9]*' | wc -l"
+)
+
+
+def counts(ct: Container, daemon: Daemon) -> list[int]:
+    out = run_in_container(ct, daemon.mountpoint, ["sh", "-c", COUNT_CPUS],
+                           views=ALL_VIEW_FILES)
+    return [int(x) for x in out.split()]
+
+
+def restrict_to_one_cpu(ct: Container) -> None:
+    # v1: a cpuset; v2: a quota of one CPU (the issue's two spellings of "one CPU").
+    if ct.version == 1:
+        ct.set_cpuset("0")
+    else:
+        ct.set_cpus(1.0)
+
+
+def test_one_cpu_getconf_python_cpuinfo_top_agree(daemon: Daemon) -> None:
+    with make_container(256 << 20, cpuset=True) as ct:
+        restrict_to_one_cpu(ct)
+        assert counts(ct, daemon) == [1, 1, 1, 1]
+
+
+def test_a_quota_of_one_and_a_half_cpus_shows_two(daemon: Daemon) -> None:
+    with make_container(256 << 20) as ct:
+        ct.set_cpus(1.5)
+        want = min(ONLINE, 2)
+        assert counts(ct, daemon) == [want] * 4
+
+
+def top_us(ct: Container, daemon: Daemon) -> float:
+    """%us of top's summary line on its last of three 1 s iterations inside `ct`."""
+    out = run_in_container(ct, daemon.mountpoint, ["top", "-b", "-d1", "-n3"],
+                           views=ALL_VIEW_FILES, timeout=60)
+    lines = [ln for ln in out.splitlines() if ln.startswith("%Cpu(s)")]
+    assert len(lines) == 3, out
+    return float(re.search(r"([\d.]+) us", lines[-1]).group(1))  # type: ignore[union-attr]
+
+
+def burner(ct: Container, daemon: Daemon) -> subprocess.Popen[bytes]:
+    p = subprocess.Popen(in_container(ct, daemon.mountpoint, BURN, views=ALL_VIEW_FILES))
+    time.sleep(0.5)
+    return p
+
+
+def test_top_shows_a_burning_process_as_the_containers_full_cpu(daemon: Daemon) -> None:
+    with make_container(256 << 20, cpuset=True) as ct:
+        restrict_to_one_cpu(ct)
+        p = burner(ct, daemon)
+        try:
+            us = top_us(ct, daemon)
+        finally:
+            p.kill()
+            p.wait()
+        assert 85 <= us <= 100, us
+
+
+def test_top_shows_half_when_two_cpus_are_visible(daemon: Daemon) -> None:
+    if ONLINE < 2:
+        pytest.skip(f"needs 2 CPUs, this machine has {ONLINE}")
+    with make_container(256 << 20, cpuset=True) as ct:
+        ct.set_cpuset("0-1")
+        p = burner(ct, daemon)
+        try:
+            us = top_us(ct, daemon)
+        finally:
+            p.kill()
+            p.wait()
+        assert 35 <= us <= 65, us
+
+
+def test_an_idle_container_is_idle_while_another_burns(daemon: Daemon) -> None:
+    with make_container(256 << 20) as busy, make_container(256 << 20) as idle:
+        p = burner(busy, daemon)
+        try:
+            us = top_us(idle, daemon)
+        finally:
+            p.kill()
+            p.wait()
+        assert us <= 10, us
+
+
+def test_uptime_in_a_new_container_is_its_own_age(daemon: Daemon) -> None:
+    with make_container(256 << 20) as ct:
+        out = run_in_container(ct, daemon.mountpoint,
+                               ["sh", "-c", "sleep 1.2; cat /proc/uptime; uptime; nproc"],
+                               views=ALL_VIEW_FILES, pid_ns=True)
+        first, uptime_line, _ = out.splitlines()
+        age, idle = (float(x) for x in first.split())
+        host_age = float(open("/proc/uptime").read().split()[0])
+        assert 1.0 <= age < 30, out
+        assert host_age > age + 30 or host_age < 60, (host_age, age)
+        cpus = int(run_in_container(ct, daemon.mountpoint, ["getconf", "_NPROCESSORS_ONLN"],
+                                    views=ALL_VIEW_FILES))
+        assert 0 <= idle <= age * cpus + 0.02, out
+        assert re.search(r"up\s+0 min", uptime_line), uptime_line
+
+
+def test_stat_counters_never_decrease(daemon: Daemon) -> None:
+    reader = (
+        "prev = None\n"
+        "for i in range(1000):\n"
+        "    with open('/proc/stat') as f:\n"
+        "        rows = [[int(x) for x in ln.split()[1:]] for ln in f if ln.startswith('cpu')]\n"
+        "    if prev is not None:\n"
+        "        for a, b in zip(prev, rows):\n"
+        "            assert all(y >= x for x, y in zip(a, b)), (i, a, b)\n"
+        "    prev = rows\n"
+        "print('ok', len(prev))\n"
+    )
+    with make_container(256 << 20) as ct:
+        ct.set_cpus(1.0)
+        p = burner(ct, daemon)
+        try:
+            out = run_in_container(ct, daemon.mountpoint, [PYTHON, "-c", reader],
+                                   views=ALL_VIEW_FILES, timeout=120)
+        finally:
+            p.kill()
+            p.wait()
+        assert out.split()[0] == "ok"
+        assert int(out.split()[1]) == 1 + min(ONLINE, math.ceil(1.0))
