@@ -100,8 +100,11 @@ def test_create_and_unlink_fail(daemon: Daemon) -> None:
 
 
 def test_listing_and_stat(daemon: Daemon) -> None:
-    assert sorted(os.listdir(daemon.mountpoint)) == ["proc"]
-    assert sorted(os.listdir(daemon.mountpoint / "proc")) == ["meminfo", "swaps", "vmstat"]
+    assert sorted(os.listdir(daemon.mountpoint)) == ["proc", "sys"]
+    assert sorted(os.listdir(daemon.mountpoint / "proc")) == [
+        "cpuinfo", "meminfo", "stat", "swaps", "uptime", "vmstat"]
+    assert sorted(os.listdir(daemon.mountpoint / "sys/devices/system/cpu")) == [
+        "online", "possible", "present"]
     st = os.stat(daemon.view("proc/meminfo"))
     assert st.st_mode & 0o777 == 0o444
     with pytest.raises(FileNotFoundError):
