@@ -20,7 +20,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 VIEW_FILES = ("proc/meminfo", "proc/vmstat", "proc/swaps")
-CPU_VIEW_FILES = ("proc/cpuinfo", "proc/stat", "proc/uptime", "sys/devices/system/cpu/online",
+CPU_VIEW_FILES = ("proc/cpuinfo", "proc/stat", "proc/uptime", "proc/loadavg",
+                  "sys/devices/system/cpu/online",
                   "sys/devices/system/cpu/possible", "sys/devices/system/cpu/present")
 ALL_VIEW_FILES = VIEW_FILES + CPU_VIEW_FILES
 MiB = 1 << 20

@@ -33,6 +33,7 @@ class CpuView:
     running: int = 0
     blocked: int = 0
     threads: int = 0
+    directory: str = ""  # the container cgroup's directory in the accounting hierarchy
 
 
 def parse_cpu_list(text: str) -> list[int]:
@@ -93,9 +94,13 @@ def _start_seconds(pid: int, proc: str = "/proc") -> float:
     return int(stat[stat.rindex(")") + 2 :].split()[19]) / CLK_TCK
 
 
-def _task_states(d: str, version: int) -> tuple[int, int, int]:
-    """(running, uninterruptible, threads) over a cgroup and its descendants."""
-    running = blocked = threads = 0
+def task_states(d: str, version: int, exclude: int = 0) -> tuple[int, int, int, int]:
+    """(running, uninterruptible, threads, highest pid) over a cgroup and its descendants;
+    thread `exclude` (a reader, which waits in "D" on our answer) is not counted as
+    running or blocked. Raises FileNotFoundError when the cgroup is gone."""
+    if not os.path.isdir(d):
+        raise FileNotFoundError(d)
+    running = blocked = threads = last_pid = 0
     listing = "cgroup.threads" if version == 2 else "tasks"
     for root, _dirs, _files in os.walk(d):
         text = _optional(os.path.join(root, listing)) or ""
@@ -106,11 +111,14 @@ def _task_states(d: str, version: int) -> tuple[int, int, int]:
                 continue
             state = stat[stat.rindex(")") + 2]
             threads += 1
+            last_pid = max(last_pid, int(tid))
+            if tid == str(exclude):
+                continue
             if state == "R":
                 running += 1
             elif state == "D":
                 blocked += 1
-    return running, blocked, threads
+    return running, blocked, threads, last_pid
 
 
 class CpuReader:
@@ -124,7 +132,7 @@ class CpuReader:
         self.cpu, self.cpuacct, self.cpuset = cpu, cpuacct, cpuset
         self.use_quota = use_quota
         self._oldest: dict[str, tuple[int, float]] = {}
-        self._tasks: dict[str, tuple[float, tuple[int, int, int]]] = {}
+        self._tasks: dict[str, tuple[float, tuple[int, int, int, int]]] = {}
 
     def at_root(self, procs: ProcCgroups) -> bool:
         """A caller at the root of every CPU hierarchy sees the host's CPU files."""
@@ -153,9 +161,9 @@ class CpuReader:
         user_us, system_us = self._usage(acct, d)
         now = host_uptime()
         start = self._start(d, acct.version, ns_init, now)
-        running, blocked, threads = self._tasks_of(d, acct.version)
+        running, blocked, threads, _ = self._tasks_of(d, acct.version)
         return CpuView(acct.version, path, tuple(cpuset[:n]), user_us, system_us, start, now,
-                       running, blocked, threads)
+                       running, blocked, threads, d)
 
     def _cpuset(self, procs: ProcCgroups, online: list[int]) -> list[int]:
         h = self.cpuset
@@ -245,12 +253,12 @@ class CpuReader:
         self._oldest[d] = oldest
         return oldest[1]
 
-    def _tasks_of(self, d: str, version: int) -> tuple[int, int, int]:
+    def _tasks_of(self, d: str, version: int) -> tuple[int, int, int, int]:
         now = time.monotonic()
         hit = self._tasks.get(d)
         if hit is not None and now - hit[0] < self.TASKS_MAX_AGE:
             return hit[1]
-        value = _task_states(d, version)
+        value = task_states(d, version)
         if len(self._tasks) > 4096:
             self._tasks.clear()
         self._tasks[d] = (now, value)

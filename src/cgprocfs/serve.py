@@ -12,6 +12,7 @@ import socket
 from dataclasses import dataclass
 
 from cgprocfs.cgroups import load_layout
+from cgprocfs.loadavg import SAMPLE_INTERVAL
 from cgprocfs.resolve import Resolver
 from cgprocfs.snapshot import RenderOptions
 from cgprocfs.views import VIEWS, Renderer
@@ -152,7 +153,17 @@ def serve(opts: ServeOptions) -> int:
                         pyfuse3.terminate()
                         return
 
+            async def sample_loads() -> None:
+                # Runs between requests on the same thread: no locking needed.
+                while True:
+                    await trio.sleep(SAMPLE_INTERVAL)
+                    n = renderer.loads.sample()
+                    if n:
+                        log.debug("load sample: %d cgroups, %.1f ms CPU", n,
+                                  renderer.loads.last_cycle_cpu * 1000)
+
             nursery.start_soon(on_signals)
+            nursery.start_soon(sample_loads)
             sd_notify(f"READY=1\nMAINPID={os.getpid()}")
             # One task: our handlers never await, so more tasks only hand a lock around.
             await pyfuse3.main(min_tasks=1, max_tasks=1)

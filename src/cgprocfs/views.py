@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from cgprocfs.cgroups import read_small
 from cgprocfs.cpu import CpuView
+from cgprocfs.loadavg import Load, LoadTracker
 from cgprocfs.render.cpu import (
     CpuTimes,
     cpu_times,
@@ -26,7 +27,17 @@ from cgprocfs.snapshot import HostMemory, MemoryView, OddCgroupData, RenderOptio
 log = logging.getLogger(__name__)
 
 MemoryRenderer = Callable[[HostMemory, MemoryView, RenderOptions], bytes]
-CpuRenderer = Callable[[CpuView, CpuSnapshot, CpuTimes], bytes]
+@dataclass(frozen=True)
+class CpuContext:
+    """Everything a CPU view renders from."""
+
+    view: CpuView
+    snap: CpuSnapshot
+    times: CpuTimes
+    load: Load | None = None
+
+
+CpuRenderer = Callable[[CpuContext], bytes]
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,7 @@ class View:
     render: MemoryRenderer | None = None
     cpu_render: CpuRenderer | None = None
     needs_events: bool = False  # memory.events / oom_control: only vmstat shows them
+    needs_load: bool = False  # the container's load averages (loadavg)
     # runc (Docker, Kubernetes) only lets a container bind over an allow-list of /proc
     # files; /proc/vmstat is not on it, so `docker-args` leaves such views out by default.
     runc_bindable: bool = True
@@ -47,8 +59,13 @@ class Rendered:
     caller: str  # the caller's /proc/PID/cgroup at rendering; "" if unknown
 
 
-def _cpu_list(view: CpuView, _snap: CpuSnapshot, _times: CpuTimes) -> bytes:
-    return render_cpu_list(view)
+def _cpu_list(c: CpuContext) -> bytes:
+    return render_cpu_list(c.view)
+
+
+def _loadavg(c: CpuContext) -> bytes:
+    assert c.load is not None
+    return c.load.line().encode()
 
 
 VIEWS: tuple[View, ...] = (
@@ -56,10 +73,11 @@ VIEWS: tuple[View, ...] = (
     View("proc/vmstat", "/proc/vmstat", render_vmstat, needs_events=True, runc_bindable=False),
     View("proc/swaps", "/proc/swaps", render_swaps),
     View("proc/cpuinfo", "/proc/cpuinfo",
-         cpu_render=lambda v, snap, _t: render_cpuinfo(snap.host_cpuinfo, v)),
+         cpu_render=lambda c: render_cpuinfo(c.snap.host_cpuinfo, c.view)),
     View("proc/stat", "/proc/stat",
-         cpu_render=lambda v, snap, t: render_stat(snap.host_stat, v, t)),
-    View("proc/uptime", "/proc/uptime", cpu_render=lambda v, _s, t: render_uptime(v, t)),
+         cpu_render=lambda c: render_stat(c.snap.host_stat, c.view, c.times)),
+    View("proc/uptime", "/proc/uptime", cpu_render=lambda c: render_uptime(c.view, c.times)),
+    View("proc/loadavg", "/proc/loadavg", cpu_render=_loadavg, needs_load=True),
     *(View(f"sys/devices/system/cpu/{name}", f"/sys/devices/system/cpu/{name}",
            cpu_render=_cpu_list) for name in ("online", "possible", "present")),
 )
@@ -77,6 +95,7 @@ class Renderer:
         self.fallbacks = 0
         # Last CPU counters shown per container, so that every counter only grows.
         self._times: dict[tuple[str, float], CpuTimes] = {}
+        self.loads = LoadTracker()
 
     def render(self, view: View, pid: int) -> bytes:
         return self.render_for(view, pid).data
@@ -109,7 +128,10 @@ class Renderer:
         if len(self._times) > 8192:
             self._times.clear()
         self._times[key] = times
-        return Rendered(render(snap.view, snap, times), snap.caller)
+        load = self.loads.read(snap.view.directory, snap.view.version, pid) \
+            if view.needs_load \
+            else None
+        return Rendered(render(CpuContext(snap.view, snap, times, load)), snap.caller)
 
     def _warn_once(self, pid: int, exc: Exception) -> None:
         try:

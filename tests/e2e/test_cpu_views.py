@@ -151,3 +151,32 @@ def test_stat_counters_never_decrease(daemon: Daemon) -> None:
             p.wait()
         assert out.split()[0] == "ok"
         assert int(out.split()[1]) == 1 + min(ONLINE, math.ceil(1.0))
+
+
+def loadavg(ct: Container, daemon: Daemon) -> list[float]:
+    out = run_in_container(ct, daemon.mountpoint, ["cat", "/proc/loadavg"],
+                           views=ALL_VIEW_FILES)
+    return [float(x) for x in out.split()[:3]]
+
+
+def test_loadavg_follows_the_containers_runnable_threads(daemon: Daemon) -> None:
+    """3 busy processes: the 1-minute load heads for 3 (above 2 after two 5 s samples)
+    while an idle container's stays below 0.5 on the same, busy host."""
+    with make_container(256 << 20) as busy, make_container(256 << 20) as idle:
+        procs = [burner(busy, daemon) for _ in range(3)]
+        try:
+            first = loadavg(busy, daemon)
+            assert loadavg(idle, daemon)[0] < 0.5
+            time.sleep(11)  # two sampling cycles
+            later = loadavg(busy, daemon)
+            quiet = loadavg(idle, daemon)
+            uptime = run_in_container(busy, daemon.mountpoint, ["uptime"],
+                                      views=ALL_VIEW_FILES)
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+        assert first[0] > 2, first
+        assert later[0] > 2, later
+        assert quiet[0] < 0.5, quiet
+        assert re.search(r"load average: [2-3]\.\d\d", uptime), uptime
