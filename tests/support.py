@@ -22,8 +22,11 @@ PYTHON = sys.executable
 VIEW_FILES = ("proc/meminfo", "proc/vmstat", "proc/swaps")
 CPU_VIEW_FILES = ("proc/cpuinfo", "proc/stat", "proc/uptime", "proc/loadavg",
                   "sys/devices/system/cpu/online",
-                  "sys/devices/system/cpu/possible", "sys/devices/system/cpu/present")
-ALL_VIEW_FILES = VIEW_FILES + CPU_VIEW_FILES
+                  "sys/devices/system/cpu/possible", "sys/devices/system/cpu/present",
+                  "proc/diskstats")
+PRESSURE_FILES = tuple(f"proc/pressure/{r}" for r in ("cpu", "memory", "io")
+                       if os.path.exists(f"/proc/pressure/{r}"))
+ALL_VIEW_FILES = VIEW_FILES + CPU_VIEW_FILES + PRESSURE_FILES
 MiB = 1 << 20
 
 
@@ -158,13 +161,13 @@ def hierarchies() -> dict[str, tuple[int, str]]:
             fields, rfields = left.split(), right.split()
             if rfields[0] == "cgroup":
                 for c in rfields[2].split(","):
-                    if c in ("memory", "cpu", "cpuacct", "cpuset"):
+                    if c in ("memory", "cpu", "cpuacct", "cpuset", "blkio"):
                         out.setdefault(c, (1, fields[4]))
             elif rfields[0] == "cgroup2" and v2 is None:
                 v2 = fields[4]
     if v2:
         enabled = Path(v2, "cgroup.controllers").read_text().split()
-        for c in ("memory", "cpu", "cpuset"):
+        for c in ("memory", "cpu", "cpuset", "io"):
             if c in enabled:
                 out.setdefault(c, (2, v2))
         if "cpu" in enabled:
@@ -202,12 +205,14 @@ class Container:
 
 
 @contextlib.contextmanager
-def make_container(memory: int | None = None, cpuset: bool = False) -> Iterator[Container]:
+def make_container(memory: int | None = None, cpuset: bool = False,
+                   io: bool = False) -> Iterator[Container]:
     """Cgroups for memory, cpu, cpuacct (and cpuset if asked) beneath the test process's
     own, like a container runtime makes; removed afterwards."""
     hs = hierarchies()
     name = f"cgprocfs-test-{uuid.uuid4().hex[:8]}"
-    wanted = ["memory", "cpu", "cpuacct"] + (["cpuset"] if cpuset else [])
+    wanted = ["memory", "cpu", "cpuacct"] + (["cpuset"] if cpuset else []) + \
+        (["blkio", "io"] if io else [])
     dirs: dict[str, Path] = {}
     made: dict[str, Path] = {}
     version = hs["memory"][0]

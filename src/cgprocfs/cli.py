@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from cgprocfs.serve import DEFAULT_MOUNTPOINT
-from cgprocfs.views import VIEWS, VIEWS_BY_PATH, View
+from cgprocfs.views import VIEWS, VIEWS_BY_PATH, View, available_views
 
 
 def _view(name: str) -> View:
@@ -87,7 +87,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _run(args)
     if args.command == "docker-args":
         mp = args.mountpoint.rstrip("/")
-        views = [v for v in VIEWS if args.all or v.runc_bindable]
+        views = [v for v in available_views() if args.all or v.runc_bindable]
         print(" ".join(f"-v {mp}/{v.path}:{v.host_path}:ro" for v in views))
         return 0
     raise AssertionError(args.command)

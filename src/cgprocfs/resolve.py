@@ -258,6 +258,23 @@ class Resolver:
             self._cpuinfo_at = now
         return self._cpuinfo
 
+    def container_dir(self, pid: int, controller: str) -> tuple[str, int, str] | None:
+        """(directory, version, caller's /proc/PID/cgroup) of the caller's container
+        cgroup in the hierarchy of `controller`; None for a caller at that hierarchy's
+        root (it sees the host's file)."""
+        h = self.layout.for_controller(controller)
+        if h is None or pid <= 0:
+            return None
+        caller = read_small(f"{self.proc}/{pid}/cgroup")
+        own = parse_proc_cgroup(caller).path_in(h) or "/"
+        if own == "/":
+            return None
+        path = self.container_path(pid, h, own)
+        d = h.directory(path)
+        if d is None:
+            raise OddCgroupData(f"cgroup {path} is outside the mounted hierarchy")
+        return d, h.version, caller
+
     def cpu_snapshot(self, pid: int) -> CpuSnapshot:
         if pid <= 0:
             return CpuSnapshot(None, self.host_stat, "")

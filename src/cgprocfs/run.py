@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from cgprocfs.cgroups import Hierarchy, Layout, load_layout, read_proc_cgroup
 from cgprocfs.serve import DEFAULT_MOUNTPOINT, lazy_unmount, mounted_at
-from cgprocfs.views import VIEWS
+from cgprocfs.views import VIEWS, available_views
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class TransientCgroup:
     @classmethod
     def create(cls, layout: Layout, limits: Limits) -> TransientCgroup:
         limits.check()
-        wanted = ["memory", "cpu", "cpuacct"] + (["cpuset"] if limits.cpuset else [])
+        wanted = ["memory", "cpu", "cpuacct", "blkio", "io"] + (["cpuset"] if limits.cpuset else [])
         hierarchies: list[Hierarchy] = []
         for controller in wanted:
             h = layout.for_controller(controller)
@@ -297,7 +297,7 @@ def run(cmd: Sequence[str], limits: Limits, serve_args: Sequence[str] = ()) -> i
     cg: TransientCgroup | None = None
     try:
         cg = TransientCgroup.create(layout, limits)
-        binds = [(os.path.join(mountpoint, v.path), v.host_path) for v in VIEWS]
+        binds = [(os.path.join(mountpoint, v.path), v.host_path) for v in available_views()]
         procs_files = cg.procs_files()
         try:
             child = subprocess.Popen(list(cmd), preexec_fn=lambda: _enter(procs_files, binds))

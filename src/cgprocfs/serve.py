@@ -15,7 +15,7 @@ from cgprocfs.cgroups import load_layout
 from cgprocfs.loadavg import SAMPLE_INTERVAL
 from cgprocfs.resolve import Resolver
 from cgprocfs.snapshot import RenderOptions
-from cgprocfs.views import VIEWS, Renderer
+from cgprocfs.views import Renderer, available_views
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,8 @@ def serve(opts: ServeOptions) -> int:
     layout = load_layout()
     resolver = Resolver(layout)
     renderer = Renderer(resolver, RenderOptions(hide_swap=opts.hide_swap))
-    ops = ViewsFS(renderer, VIEWS)
+    views = available_views()
+    ops = ViewsFS(renderer, views)
 
     fuse_options = set(pyfuse3.default_options)
     fuse_options |= {f"fsname={FSNAME}", f"subtype={FSNAME}", "ro", "allow_other"}
@@ -139,7 +140,7 @@ def serve(opts: ServeOptions) -> int:
         pyfuse3.init(ops, opts.mountpoint, fuse_options)
     except RuntimeError as exc:
         raise StartupError(f"cannot mount {opts.mountpoint}: {exc}") from exc
-    log.info("serving %s on %s (%s; memory hierarchy %s)", ", ".join(v.path for v in VIEWS),
+    log.info("serving %s on %s (%s; memory hierarchy %s)", ", ".join(v.path for v in views),
              opts.mountpoint, layout.describe(),
              resolver.memory.mountpoint if resolver.memory else "none")
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from cgprocfs.render.cpu import (
     render_stat,
     render_uptime,
 )
+from cgprocfs.render.io import parse_blkio, parse_io_stat, render_diskstats
 from cgprocfs.render.meminfo import render_meminfo
 from cgprocfs.render.swaps import render_swaps
 from cgprocfs.render.vmstat import render_vmstat
@@ -38,6 +40,46 @@ class CpuContext:
 
 
 CpuRenderer = Callable[[CpuContext], bytes]
+# (container cgroup directory, cgroup version, host file text) -> bytes
+CgroupRenderer = Callable[[str, int, str], bytes]
+
+
+def _diskstats(d: str, version: int, host_text: str) -> bytes:
+    if version == 2:
+        stats = parse_io_stat(_read_or_empty(f"{d}/io.stat"))
+    else:
+        stats = parse_blkio(
+            _read_first(f"{d}/blkio.throttle.io_service_bytes_recursive",
+                        f"{d}/blkio.throttle.io_service_bytes"),
+            _read_first(f"{d}/blkio.throttle.io_serviced_recursive",
+                        f"{d}/blkio.throttle.io_serviced"))
+    return render_diskstats(host_text, stats)
+
+
+def _pressure(resource: str) -> CgroupRenderer:
+    def render(d: str, version: int, host_text: str) -> bytes:
+        # PSI is per cgroup on v2 only; on v1 the host's figures are all there is.
+        if version != 2:
+            return host_text.encode()
+        return read_small(f"{d}/{resource}.pressure").encode()
+
+    return render
+
+
+def _read_or_empty(path: str) -> str:
+    try:
+        return read_small(path)
+    except FileNotFoundError:
+        return ""
+
+
+def _read_first(*paths: str) -> str:
+    for p in paths:
+        try:
+            return read_small(p)
+        except FileNotFoundError:
+            continue
+    return ""
 
 
 @dataclass(frozen=True)
@@ -48,6 +90,9 @@ class View:
     cpu_render: CpuRenderer | None = None
     needs_events: bool = False  # memory.events / oom_control: only vmstat shows them
     needs_load: bool = False  # the container's load averages (loadavg)
+    # Views computed from one file of the container's cgroup in `controller`'s hierarchy.
+    cgroup_render: CgroupRenderer | None = None
+    controller: str = ""
     # runc (Docker, Kubernetes) only lets a container bind over an allow-list of /proc
     # files; /proc/vmstat is not on it, so `docker-args` leaves such views out by default.
     runc_bindable: bool = True
@@ -80,7 +125,15 @@ VIEWS: tuple[View, ...] = (
     View("proc/loadavg", "/proc/loadavg", cpu_render=_loadavg, needs_load=True),
     *(View(f"sys/devices/system/cpu/{name}", f"/sys/devices/system/cpu/{name}",
            cpu_render=_cpu_list) for name in ("online", "possible", "present")),
+    View("proc/diskstats", "/proc/diskstats", cgroup_render=_diskstats, controller="io"),
+    *(View(f"proc/pressure/{r}", f"/proc/pressure/{r}", cgroup_render=_pressure(r),
+           controller=c) for r, c in (("cpu", "cpu"), ("memory", "memory"), ("io", "io"))),
 )
+
+
+def available_views(views: tuple[View, ...] = VIEWS) -> tuple[View, ...]:
+    """The views whose file exists on this host (no /proc/pressure without PSI)."""
+    return tuple(v for v in views if os.path.exists(v.host_path))
 VIEWS_BY_PATH = {v.path: v for v in VIEWS}
 
 
@@ -103,6 +156,8 @@ class Renderer:
     def render_for(self, view: View, pid: int) -> Rendered:
         if view.cpu_render is not None:
             return self._render_cpu(view, view.cpu_render, pid)
+        if view.cgroup_render is not None:
+            return self._render_cgroup(view, view.cgroup_render, pid)
         assert view.render is not None
         try:
             snap = self.resolver.snapshot(pid, view.needs_events)
@@ -132,6 +187,23 @@ class Renderer:
             if view.needs_load \
             else None
         return Rendered(render(CpuContext(snap.view, snap, times, load)), snap.caller)
+
+    def _render_cgroup(self, view: View, render: CgroupRenderer, pid: int) -> Rendered:
+        host_text = read_small(view.host_path)
+        # v1 names the I/O controller blkio; v2 calls it io.
+        controller = view.controller
+        try:
+            found = self.resolver.container_dir(pid, controller)
+            if found is None and controller == "io":
+                found = self.resolver.container_dir(pid, "blkio")
+            if found is None:
+                return Rendered(host_text.encode(), "")
+            d, version, caller = found
+            return Rendered(render(d, version, host_text), caller)
+        except (OSError, OddCgroupData) as exc:
+            self.fallbacks += 1
+            self._warn_once(pid, exc)
+            return Rendered(host_text.encode(), "")
 
     def _warn_once(self, pid: int, exc: Exception) -> None:
         try:
