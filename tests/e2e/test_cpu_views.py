@@ -180,3 +180,26 @@ def test_loadavg_follows_the_containers_runnable_threads(daemon: Daemon) -> None
         assert later[0] > 2, later
         assert quiet[0] < 0.5, quiet
         assert re.search(r"load average: [2-3]\.\d\d", uptime), uptime
+
+
+def test_htop_shows_the_containers_memory_uptime_and_load(daemon: Daemon) -> None:
+    """htop -d 10 under tmux for a few seconds; the captured screen goes to the output."""
+    import shlex
+
+    if subprocess.run(["which", "tmux"], capture_output=True).returncode != 0:
+        pytest.skip("tmux is not installed")
+    with make_container(256 << 20) as ct:
+        cmd = in_container(ct, daemon.mountpoint, ["htop", "-d", "10"], views=ALL_VIEW_FILES)
+        session = f"cgprocfs-htop-{os.getpid()}"
+        subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "30",
+                        "env TERM=xterm " + shlex.join(cmd)], check=True)
+        try:
+            time.sleep(3)
+            screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session],
+                                    capture_output=True, text=True, check=True).stdout
+        finally:
+            subprocess.run(["tmux", "kill-session", "-t", session], check=False)
+        print(screen)
+        assert re.search(r"Mem\[.*/256M\]", screen), screen
+        assert re.search(r"Uptime: 00:00:0\d", screen), screen
+        assert "Load average:" in screen
