@@ -9,15 +9,16 @@ import sys
 from collections.abc import Sequence
 
 from cgprocfs.serve import DEFAULT_MOUNTPOINT
-from cgprocfs.views import VIEWS, VIEWS_BY_PATH, View, available_views
+from cgprocfs.views import View, available_views
 
 
 def _view(name: str) -> View:
     key = name.lstrip("/")
+    served = {v.path: v for v in available_views()}
     for candidate in (key, f"proc/{key}", f"sys/devices/system/cpu/{key}"):
-        if candidate in VIEWS_BY_PATH:
-            return VIEWS_BY_PATH[candidate]
-    known = ", ".join(v.path for v in VIEWS)
+        if candidate in served:
+            return served[candidate]
+    known = ", ".join(served)
     raise argparse.ArgumentTypeError(f"unknown file {name!r} (served: {known})")
 
 
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--pid", type=int, default=None, help="default: this process")
     sh.add_argument("--hide-swap", action="store_true")
     sh.add_argument("files", nargs="+", type=_view, metavar="FILE",
-                    help="meminfo, vmstat, swaps (or proc/meminfo, /proc/meminfo)")
+                    help="a served file: meminfo, vmstat, stat, uptime, loadavg, online, ... "
+                    "(or proc/meminfo, /proc/meminfo)")
 
     r = sub.add_parser("run", help="run a command in a transient cgroup with the views")
     r.add_argument("--memory", "-m", help="memory limit, e.g. 256M")

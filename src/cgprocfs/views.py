@@ -126,8 +126,10 @@ VIEWS: tuple[View, ...] = (
     *(View(f"sys/devices/system/cpu/{name}", f"/sys/devices/system/cpu/{name}",
            cpu_render=_cpu_list) for name in ("online", "possible", "present")),
     View("proc/diskstats", "/proc/diskstats", cgroup_render=_diskstats, controller="io"),
+    # runc refuses binds over /proc/pressure/* too (not on its allow-list).
     *(View(f"proc/pressure/{r}", f"/proc/pressure/{r}", cgroup_render=_pressure(r),
-           controller=c) for r, c in (("cpu", "cpu"), ("memory", "memory"), ("io", "io"))),
+           controller=c, runc_bindable=False)
+      for r, c in (("cpu", "cpu"), ("memory", "memory"), ("io", "io"))),
 )
 
 

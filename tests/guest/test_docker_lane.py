@@ -53,6 +53,8 @@ def test_docker_containers_see_their_limit_through_the_views(tmp_path: Path) -> 
 for _ in $(seq 100); do [ -e /var/lib/cgprocfs/proc/meminfo ] && break; sleep 0.1; done
 ARGS=$(.venv/bin/cgprocfs docker-args)
 echo "=== args"; echo "$ARGS"
+# The guest's own cpuinfo lacks fields procps vmstat needs: bind the patched copy instead.
+ARGS=$(echo "$ARGS" | sed 's| *-v [^ ]*/proc/cpuinfo:/proc/cpuinfo:ro||')
 # /run/cpuinfo: the guest's cpuinfo with the fields procps vmstat needs (prepare_v2.sh).
 # /usr/bin/free is procps (it reads /proc/meminfo); busybox's applet asks sysinfo(2).
 echo "=== limited"
