@@ -8,6 +8,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from cgprocfs.config import Config, ConfigError, to_toml
+from cgprocfs.config import load as load_config
 from cgprocfs.serve import DEFAULT_MOUNTPOINT
 from cgprocfs.views import View, available_views
 
@@ -28,19 +30,37 @@ def build_parser() -> argparse.ArgumentParser:
         description="Container-aware /proc: serves /proc files rendered from the caller's "
         "cgroup.",
     )
-    p.add_argument("--log-level", default=os.environ.get("CGPROCFS_LOG_LEVEL", "info"),
-                   choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
+                   help="default: from the configuration (info)")
+    p.add_argument("--config", default=None,
+                   help="configuration file (default: $CGPROCFS_CONFIG or "
+                   "/etc/cgprocfs/config.toml if present)")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="mount the views and serve them (foreground)")
-    s.add_argument("mountpoint", nargs="?", default=DEFAULT_MOUNTPOINT)
-    s.add_argument("--hide-swap", action="store_true",
+    s.add_argument("mountpoint", nargs="?", default=None,
+                   help=f"default: from the configuration ({DEFAULT_MOUNTPOINT})")
+    s.add_argument("--hide-swap", action="store_true", default=None,
                    help="report no swap inside containers (SwapTotal 0, empty /proc/swaps)")
+    s.add_argument("--no-cpu-quota", dest="cpu_quota", action="store_false", default=None,
+                   help="count visible CPUs from cpusets only, ignoring CFS quotas")
     s.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
+
+    c = sub.add_parser("check-config", help="validate the configuration and print it")
+    c.add_argument("--quiet", "-q", action="store_true")
+
+    st = sub.add_parser("status", help="is the mount up, who serves it, how is it going")
+    st.add_argument("mountpoint", nargs="?", default=None)
+
+    sub.add_parser("doctor", help="check this host for what cgprocfs needs")
+
+    i = sub.add_parser("install-service", help="install the systemd unit for this install")
+    i.add_argument("--root", default="/", help="install below this root (for packaging)")
+    i.add_argument("--no-reload", action="store_true", help="do not run systemctl daemon-reload")
 
     sh = sub.add_parser("show", help="print what a process would see, without FUSE")
     sh.add_argument("--pid", type=int, default=None, help="default: this process")
-    sh.add_argument("--hide-swap", action="store_true")
+    sh.add_argument("--hide-swap", action="store_true", default=None)
     sh.add_argument("files", nargs="+", type=_view, metavar="FILE",
                     help="a served file: meminfo, vmstat, stat, uptime, loadavg, online, ... "
                     "(or proc/meminfo, /proc/meminfo)")
@@ -50,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--memory-swap", help="memory + swap limit (as Docker's --memory-swap)")
     r.add_argument("--cpus", type=float, help="CPU quota in CPUs, e.g. 1.5")
     r.add_argument("--cpuset", help="CPUs the command may run on, e.g. 0 or 0-1")
-    r.add_argument("--hide-swap", action="store_true")
+    r.add_argument("--hide-swap", action="store_true", default=None)
     r.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
 
     d = sub.add_parser("docker-args", help="print the docker run -v flags for the views")
@@ -61,32 +81,65 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _config(args: argparse.Namespace) -> Config:
+    overrides = {
+        "mountpoint": getattr(args, "mountpoint", None),
+        "hide_swap": getattr(args, "hide_swap", None),
+        "cpu_quota": getattr(args, "cpu_quota", None),
+        "log_level": args.log_level,
+    }
+    cfg = load_config(args.config, overrides=overrides)
+    cfg.check(tuple(v.path for v in available_views()))
+    return cfg
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        cfg = _config(args)
+    except ConfigError as exc:
+        print(f"cgprocfs: configuration: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
+        level=getattr(logging, cfg.log_level.upper()),
         format="cgprocfs[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return _dispatch(args)
+        return _dispatch(args, cfg)
     except KeyboardInterrupt:
         return 130
 
 
-def _dispatch(args: argparse.Namespace) -> int:
+def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
     if args.command == "serve":
         from cgprocfs.serve import ServeOptions, StartupError, serve
 
         try:
-            return serve(ServeOptions(args.mountpoint, hide_swap=args.hide_swap,
-                                      debug_fuse=args.debug_fuse))
+            return serve(ServeOptions(cfg, debug_fuse=args.debug_fuse,
+                                      reload=lambda: _config(args)))
         except StartupError as exc:
             print(f"cgprocfs: {exc}", file=sys.stderr)
             return 1
+    if args.command == "check-config":
+        if not args.quiet:
+            print(to_toml(cfg), end="")
+        return 0
+    if args.command == "status":
+        from cgprocfs.admin import status
+
+        return status(cfg.mountpoint)
+    if args.command == "doctor":
+        from cgprocfs.admin import doctor
+
+        return doctor(cfg.mountpoint)
+    if args.command == "install-service":
+        from cgprocfs.admin import install_service
+
+        return install_service(args.root, reload=not args.no_reload)
     if args.command == "show":
-        return _show(args)
+        return _show(args, cfg)
     if args.command == "run":
-        return _run(args)
+        return _run(args, cfg)
     if args.command == "docker-args":
         mp = args.mountpoint.rstrip("/")
         views = [v for v in available_views() if args.all or v.runc_bindable]
@@ -95,7 +148,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
-def _show(args: argparse.Namespace) -> int:
+def _show(args: argparse.Namespace, cfg: Config) -> int:
     from cgprocfs.cgroups import load_layout
     from cgprocfs.resolve import Resolver
     from cgprocfs.snapshot import RenderOptions
@@ -105,7 +158,8 @@ def _show(args: argparse.Namespace) -> int:
     if not os.path.exists(f"/proc/{pid}"):
         print(f"cgprocfs: no process {pid}", file=sys.stderr)
         return 1
-    renderer = Renderer(Resolver(load_layout()), RenderOptions(hide_swap=args.hide_swap))
+    renderer = Renderer(Resolver(load_layout(), use_quota=cfg.cpu_quota),
+                        RenderOptions(hide_swap=cfg.hide_swap))
     out = sys.stdout.buffer
     for i, view in enumerate(args.files):
         if len(args.files) > 1:
@@ -119,7 +173,7 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, cfg: Config) -> int:
     from cgprocfs.run import Limits, RunError, parse_size, run
 
     cmd = list(args.cmd)
@@ -128,7 +182,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         memory = parse_size(args.memory) if args.memory else None
         swap = parse_size(args.memory_swap) if args.memory_swap else None
-        serve_args = ["--hide-swap"] if args.hide_swap else []
+        serve_args = ["--hide-swap"] if cfg.hide_swap else []
         limits = Limits(memory, swap, args.cpus, args.cpuset)
         return run(cmd, limits, serve_args)
     except (RunError, ValueError) as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import logging
 import os
 import stat
@@ -20,6 +21,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
+from cgprocfs import __version__
 from cgprocfs.views import Renderer, View
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,8 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 ROOT_INODE: int = pyfuse3.ROOT_INODE
+# A file at the mount's root that says who serves it and how it is going (`cgprocfs status`).
+STATUS_NAME = b".cgprocfs-status"
 # The tree never changes while mounted: let the kernel cache names and attributes.
 CACHE_TIMEOUT = 3600.0
 
@@ -56,15 +60,16 @@ class Node:
     inode: int
     name: bytes
     parent: int
-    view: View | None = None  # None for directories
+    view: View | None = None  # None for directories (and the status file)
     children: dict[bytes, int] = field(default_factory=dict)
+    status: bool = False
 
 
 @dataclass
 class Handle:
     """An open file: the bytes rendered at open, and who they were rendered for."""
 
-    view: View
+    view: View | None  # None: the status file
     pid: int
     caller: str
     data: bytes
@@ -94,6 +99,8 @@ def build_tree(views: Sequence[View]) -> dict[int, Node]:
                 nodes[inode] = Node(inode, name, parent.inode, view if last else None)
                 parent.children[name] = inode
             parent = nodes[inode]
+    nodes[next_inode] = Node(next_inode, STATUS_NAME, ROOT_INODE, status=True)
+    nodes[ROOT_INODE].children[STATUS_NAME] = next_inode
     return nodes
 
 
@@ -117,10 +124,11 @@ class ViewsFS(pyfuse3.Operations):
         a.generation = 0
         a.entry_timeout = CACHE_TIMEOUT
         a.attr_timeout = CACHE_TIMEOUT
-        if node.view is None:
+        if node.view is None and not node.status:
             a.st_mode = stat.S_IFDIR | 0o555
             a.st_nlink = 2 + sum(
-                1 for c in node.children.values() if self.nodes[c].view is None
+                1 for c in node.children.values()
+                if self.nodes[c].view is None and not self.nodes[c].status
             )
         else:
             # Size 0 like the kernel's /proc files; content is served with direct_io.
@@ -167,7 +175,8 @@ class ViewsFS(pyfuse3.Operations):
 
     @guarded
     async def opendir(self, inode: int, ctx: Any) -> int:
-        if self._node(inode).view is not None:
+        node = self._node(inode)
+        if node.view is not None or node.status:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
@@ -186,15 +195,34 @@ class ViewsFS(pyfuse3.Operations):
     @guarded
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         node = self._node(inode)
-        if node.view is None:
-            raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_CREAT):
             raise pyfuse3.FUSEError(errno.EACCES)
+        if node.status:
+            return self._open_status()
+        if node.view is None:
+            raise pyfuse3.FUSEError(errno.EISDIR)
         rendered = self.renderer.render_for(node.view, ctx.pid)
         fh = self._next_fh
         self._next_fh += 1
         self.handles[fh] = Handle(node.view, ctx.pid, rendered.caller, rendered.data)
         self.stats.opens += 1
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+
+    def _open_status(self) -> pyfuse3.FileInfo:
+        doc = {
+            "pid": os.getpid(),
+            "version": __version__,
+            "started": self.started,
+            "uptime": round(time.time() - self.started, 3),
+            "views": [n.view.path for n in self.nodes.values() if n.view is not None],
+            "opens": self.stats.opens,
+            "errors": self.stats.errors,
+            "fallbacks": self.renderer.fallbacks,
+            "open_handles": len(self.handles),
+        }
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = Handle(None, 0, "", (json.dumps(doc, indent=1) + "\n").encode())
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
 
     @guarded
@@ -213,7 +241,7 @@ class ViewsFS(pyfuse3.Operations):
         it. READ carries no caller, so render again for the pid that opened the file,
         and keep the new bytes only if that pid is still in the same cgroups (a reused
         pid of another container must never see its numbers through this handle)."""
-        if not h.caller:
+        if not h.caller or h.view is None:
             return
         fresh = self.renderer.render_for(h.view, h.pid)
         if fresh.caller == h.caller:

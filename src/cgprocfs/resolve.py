@@ -227,6 +227,7 @@ class Resolver:
         # pid namespace -> its init's pid; validated on use, so pid reuse cannot mislead.
         self._ns_init: dict[str, int] = {}
         self.limits = LimitsCache()
+        self.host_max_age = HOST_MAX_AGE
         # Key order and layout of the kernel's files never change while it runs.
         with open(f"{proc}/vmstat") as f:
             self.vmstat_keys = tuple(line.split(" ", 1)[0] for line in f if line.strip())
@@ -290,7 +291,7 @@ class Resolver:
         """The host's meminfo, at most HOST_MAX_AGE old: its figures only cap ours (free
         and available never above the host's) or are host-wide constants."""
         now = time.monotonic()
-        if self._host is not None and now - self._host_at < HOST_MAX_AGE:
+        if self._host is not None and now - self._host_at < self.host_max_age:
             return self._host
         text = read_small(f"{self.proc}/meminfo")
         self._host = HostMemory(

@@ -9,13 +9,15 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cgprocfs.cgroups import load_layout
+from cgprocfs.config import Config, ConfigError
 from cgprocfs.loadavg import SAMPLE_INTERVAL
 from cgprocfs.resolve import Resolver
 from cgprocfs.snapshot import RenderOptions
-from cgprocfs.views import Renderer, available_views
+from cgprocfs.views import Renderer, View, available_views
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +32,26 @@ class StartupError(Exception):
 
 @dataclass(frozen=True)
 class ServeOptions:
-    mountpoint: str = DEFAULT_MOUNTPOINT
-    hide_swap: bool = False
+    config: Config
     debug_fuse: bool = False
+    # How to read the configuration again on SIGHUP (same file, environment and flags).
+    reload: Callable[[], Config] | None = None
+
+
+def apply_config(cfg: Config, resolver: Resolver, renderer: Renderer) -> None:
+    """The settings that can change while mounted (SIGHUP)."""
+    renderer.opts = RenderOptions(hide_swap=cfg.hide_swap)
+    resolver.cpu.use_quota = cfg.cpu_quota
+    resolver.limits.max_age = cfg.limits_max_age
+    resolver.host_max_age = cfg.host_max_age
+    logging.getLogger().setLevel(cfg.log_level.upper())
+
+
+def select_views(cfg: Config) -> tuple[View, ...]:
+    views = available_views()
+    if cfg.views is None:
+        return views
+    return tuple(v for v in views if v.path in cfg.views)
 
 
 def sd_notify(message: str) -> None:
@@ -115,7 +134,30 @@ def check_environment() -> None:
         raise StartupError(f"cannot open /dev/fuse: {exc.strerror}") from exc
 
 
+def reload_config(opts: ServeOptions, running: Config, resolver: Resolver,
+                  renderer: Renderer) -> None:
+    """SIGHUP: read the configuration again and apply what can change while mounted."""
+    sd_notify("RELOADING=1")
+    try:
+        if opts.reload is None:
+            return
+        try:
+            new = opts.reload()
+            new.check(tuple(v.path for v in available_views()))
+        except ConfigError as exc:
+            log.error("SIGHUP: configuration not reloaded: %s", exc)
+            return
+        apply_config(new, resolver, renderer)
+        if (new.mountpoint, new.views) != (running.mountpoint, running.views):
+            log.warning("SIGHUP: mountpoint and views change only with a restart")
+        log.info("SIGHUP: configuration reloaded (hide_swap=%s, cpu_quota=%s, log_level=%s)",
+                 new.hide_swap, new.cpu_quota, new.log_level)
+    finally:
+        sd_notify("READY=1")
+
+
 def serve(opts: ServeOptions) -> int:
+    cfg = opts.config
     check_environment()
     try:
         import pyfuse3
@@ -125,11 +167,13 @@ def serve(opts: ServeOptions) -> int:
                            "(Debian: apt-get install fuse3 libfuse3-3) and pyfuse3") from exc
     from cgprocfs.fs import ViewsFS
 
-    prepare_mountpoint(opts.mountpoint)
+    mountpoint = cfg.mountpoint
+    prepare_mountpoint(mountpoint)
     layout = load_layout()
     resolver = Resolver(layout)
-    renderer = Renderer(resolver, RenderOptions(hide_swap=opts.hide_swap))
-    views = available_views()
+    renderer = Renderer(resolver)
+    apply_config(cfg, resolver, renderer)
+    views = select_views(cfg)
     ops = ViewsFS(renderer, views)
 
     fuse_options = set(pyfuse3.default_options)
@@ -137,11 +181,11 @@ def serve(opts: ServeOptions) -> int:
     if opts.debug_fuse:
         fuse_options.add("debug")
     try:
-        pyfuse3.init(ops, opts.mountpoint, fuse_options)
+        pyfuse3.init(ops, mountpoint, fuse_options)
     except RuntimeError as exc:
-        raise StartupError(f"cannot mount {opts.mountpoint}: {exc}") from exc
+        raise StartupError(f"cannot mount {mountpoint}: {exc}") from exc
     log.info("serving %s on %s (%s; memory hierarchy %s)", ", ".join(v.path for v in views),
-             opts.mountpoint, layout.describe(),
+             mountpoint, layout.describe(),
              resolver.memory.mountpoint if resolver.memory else "none")
 
     async def run() -> None:
@@ -163,8 +207,14 @@ def serve(opts: ServeOptions) -> int:
                         log.debug("load sample: %d cgroups, %.1f ms CPU", n,
                                   renderer.loads.last_cycle_cpu * 1000)
 
+            async def on_reload() -> None:
+                with trio.open_signal_receiver(signal.SIGHUP) as signals:
+                    async for _ in signals:
+                        reload_config(opts, cfg, resolver, renderer)
+
             nursery.start_soon(on_signals)
             nursery.start_soon(sample_loads)
+            nursery.start_soon(on_reload)
             sd_notify(f"READY=1\nMAINPID={os.getpid()}")
             # One task: our handlers never await, so more tasks only hand a lock around.
             await pyfuse3.main(min_tasks=1, max_tasks=1)
@@ -174,6 +224,6 @@ def serve(opts: ServeOptions) -> int:
         trio.run(run)
     finally:
         pyfuse3.close(unmount=True)
-    log.info("unmounted %s; %d opens served, %d errors", opts.mountpoint,
+    log.info("unmounted %s; %d opens served, %d errors", mountpoint,
              ops.stats.opens, ops.stats.errors)
     return 0
