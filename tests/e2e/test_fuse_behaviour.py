@@ -100,7 +100,7 @@ def test_create_and_unlink_fail(daemon: Daemon) -> None:
 
 
 def test_listing_and_stat(daemon: Daemon) -> None:
-    assert sorted(os.listdir(daemon.mountpoint)) == ["proc", "sys"]
+    assert sorted(os.listdir(daemon.mountpoint)) == [".cgprocfs-status", "proc", "sys"]
     pressure = ["pressure"] if Path("/proc/pressure").is_dir() else []
     assert sorted(os.listdir(daemon.mountpoint / "proc")) == sorted([
         "cpuinfo", "diskstats", "loadavg", "meminfo", "stat", "swaps", "uptime", "vmstat",
