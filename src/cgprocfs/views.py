@@ -19,7 +19,13 @@ from cgprocfs.render.cpu import (
     render_stat,
     render_uptime,
 )
-from cgprocfs.render.io import parse_blkio, parse_io_stat, render_diskstats
+from cgprocfs.render.io import (
+    IoStats,
+    parse_blkio,
+    parse_io_stat,
+    render_block_stat,
+    render_diskstats,
+)
 from cgprocfs.render.meminfo import render_meminfo
 from cgprocfs.render.swaps import render_swaps
 from cgprocfs.render.vmstat import render_vmstat
@@ -44,16 +50,44 @@ CpuRenderer = Callable[[CpuContext], bytes]
 CgroupRenderer = Callable[[str, int, str], bytes]
 
 
-def _diskstats(d: str, version: int, host_text: str) -> bytes:
+def _io_stats(d: str, version: int) -> IoStats:
     if version == 2:
-        stats = parse_io_stat(_read_or_empty(f"{d}/io.stat"))
-    else:
-        stats = parse_blkio(
-            _read_first(f"{d}/blkio.throttle.io_service_bytes_recursive",
-                        f"{d}/blkio.throttle.io_service_bytes"),
-            _read_first(f"{d}/blkio.throttle.io_serviced_recursive",
-                        f"{d}/blkio.throttle.io_serviced"))
-    return render_diskstats(host_text, stats)
+        return parse_io_stat(_read_or_empty(f"{d}/io.stat"))
+    return parse_blkio(
+        _read_first(f"{d}/blkio.throttle.io_service_bytes_recursive",
+                    f"{d}/blkio.throttle.io_service_bytes"),
+        _read_first(f"{d}/blkio.throttle.io_serviced_recursive",
+                    f"{d}/blkio.throttle.io_serviced"))
+
+
+def _diskstats(d: str, version: int, host_text: str) -> bytes:
+    return render_diskstats(host_text, _io_stats(d, version))
+
+
+def _block_stat(devno: tuple[int, int]) -> CgroupRenderer:
+    def render(d: str, version: int, host_text: str) -> bytes:
+        return render_block_stat(host_text, devno, _io_stats(d, version))
+
+    return render
+
+
+def block_views(sys_block: str = "/sys/block") -> tuple[View, ...]:
+    """/sys/block/<dev>/stat for each block device of this host (sysstat's iostat reads
+    these, not /proc/diskstats)."""
+    out = []
+    try:
+        names = sorted(os.listdir(sys_block))
+    except OSError:
+        return ()
+    for name in names:
+        try:
+            major, _, minor = read_small(f"{sys_block}/{name}/dev").strip().partition(":")
+            devno = (int(major), int(minor))
+        except (OSError, ValueError):
+            continue
+        out.append(View(f"sys/block/{name}/stat", f"{sys_block}/{name}/stat",
+                        cgroup_render=_block_stat(devno), controller="io"))
+    return tuple(out)
 
 
 def _pressure(resource: str) -> CgroupRenderer:
@@ -133,8 +167,11 @@ VIEWS: tuple[View, ...] = (
 )
 
 
-def available_views(views: tuple[View, ...] = VIEWS) -> tuple[View, ...]:
-    """The views whose file exists on this host (no /proc/pressure without PSI)."""
+def available_views(views: tuple[View, ...] | None = None) -> tuple[View, ...]:
+    """The views whose file exists on this host (no /proc/pressure without PSI), and one
+    /sys/block/<dev>/stat view per block device."""
+    if views is None:
+        views = VIEWS + block_views()
     return tuple(v for v in views if os.path.exists(v.host_path))
 VIEWS_BY_PATH = {v.path: v for v in VIEWS}
 

@@ -70,3 +70,36 @@ def test_pressure_views(daemon: Daemon) -> None:
         if ct.version == 2:
             own = (ct.dirs["memory"] / "memory.pressure").read_text()
             assert out.split("total=")[0] == own.split("total=")[0]
+
+
+def test_iostat_reports_the_containers_io(daemon: Daemon) -> None:
+    """sysstat's iostat reads /sys/block/<dev>/stat: bound, it reports the container's
+    own I/O (a fresh container has done next to none of the host's)."""
+    script = (
+        "iostat -d -k; echo ---; "
+        "for d in /sys/block/*; do echo $(basename $d) $(cat $d/stat); done"
+    )
+    views = ALL_VIEW_FILES + tuple(
+        f"sys/block/{d}/stat" for d in sorted(os.listdir("/sys/block"))
+        if Path(f"/sys/block/{d}/stat").exists())
+    with make_container(256 << 20, io=True) as ct:
+        out = run_in_container(ct, daemon.mountpoint, ["sh", "-c", script], views=views)
+        report, stats = out.split("---\n")
+        mine = {p[0]: [int(x) for x in p[1:]] for p in (ln.split() for ln in stats.splitlines())}
+        host = {d: [int(x) for x in Path(f"/sys/block/{d}/stat").read_text().split()]
+                for d in mine}
+        rows = [ln.split() for ln in report.splitlines()
+                if ln.split() and ln.split()[0] in mine]
+        # iostat lists the devices with I/O: here those the container used, not the host's.
+        assert {r[0] for r in rows} <= {d for d, f in mine.items() if any(f)}, report
+        host_active = {d for d, f in host.items() if any(f[:8])}
+        assert host_active, "the host has done no I/O at all?"
+        for name, *cols in rows:
+            kb_read = int(cols[4])
+            assert kb_read <= mine[name][2] // 2, (name, cols, mine[name])
+            assert kb_read < host[name][2] // 2 or host[name][2] == 0
+        # Writes in the stat files are the cgroup's own (nothing wrote since).
+        own = cgroup_io(ct.dirs, ct.version)
+        for name, fields in mine.items():
+            devno = Path(f"/sys/block/{name}/dev").read_text().strip()
+            assert fields[4] == own.get(devno, (0, 0))[0], (name, fields, own)

@@ -70,3 +70,16 @@ def render_diskstats(host_diskstats: str, stats: IoStats) -> bytes:
             fields[11], fields[13] = dios, dbytes // SECTOR
         lines.append(f"{parts[0]:>4} {parts[1]:>7} {parts[2]} " + " ".join(map(str, fields)))
     return ("\n".join(lines) + "\n").encode() if lines else b""
+
+
+def render_block_stat(host_stat: str, devno: tuple[int, int], stats: IoStats) -> bytes:
+    """/sys/block/<dev>/stat (what iostat reads): the same columns as a diskstats line,
+    without the device's numbers and name, each right-aligned in 8 columns."""
+    n = max(11, len(host_stat.split()))
+    rios, rbytes, wios, wbytes, dios, dbytes = stats.get(devno, (0, 0, 0, 0, 0, 0))
+    fields = [0] * n
+    fields[0], fields[2] = rios, rbytes // SECTOR
+    fields[4], fields[6] = wios, wbytes // SECTOR
+    if n >= 15:
+        fields[11], fields[13] = dios, dbytes // SECTOR
+    return (" ".join(f"{v:>8}" for v in fields) + "\n").encode()
