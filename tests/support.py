@@ -20,10 +20,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 VIEW_FILES = ("proc/meminfo", "proc/vmstat", "proc/swaps")
+# The cpu directory is bound whole: the caller's cpuN entries come with it.
 CPU_VIEW_FILES = ("proc/cpuinfo", "proc/stat", "proc/uptime", "proc/loadavg",
-                  "sys/devices/system/cpu/online",
-                  "sys/devices/system/cpu/possible", "sys/devices/system/cpu/present",
-                  "proc/diskstats")
+                  "sys/devices/system/cpu", "proc/diskstats")
 PRESSURE_FILES = tuple(f"proc/pressure/{r}" for r in ("cpu", "memory", "io")
                        if os.path.exists(f"/proc/pressure/{r}"))
 ALL_VIEW_FILES = VIEW_FILES + CPU_VIEW_FILES + PRESSURE_FILES

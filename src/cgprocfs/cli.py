@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from cgprocfs.config import Config, ConfigError, to_toml
 from cgprocfs.config import load as load_config
 from cgprocfs.serve import DEFAULT_MOUNTPOINT
-from cgprocfs.views import View, available_views
+from cgprocfs.views import View, available_views, bind_targets
 
 
 def _view(name: str) -> View:
@@ -142,8 +142,8 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
         return _run(args, cfg)
     if args.command == "docker-args":
         mp = args.mountpoint.rstrip("/")
-        views = [v for v in available_views() if args.all or v.runc_bindable]
-        print(" ".join(f"-v {mp}/{v.path}:{v.host_path}:ro" for v in views))
+        views = tuple(v for v in available_views() if args.all or v.runc_bindable)
+        print(" ".join(f"-v {mp}/{src}:{dst}:ro" for src, dst in bind_targets(views)))
         return 0
     raise AssertionError(args.command)
 

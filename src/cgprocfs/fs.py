@@ -22,6 +22,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 
 from cgprocfs import __version__
+from cgprocfs.cpudir import CpuDir
 from cgprocfs.views import Renderer, View
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,11 @@ ROOT_INODE: int = pyfuse3.ROOT_INODE
 STATUS_NAME = b".cgprocfs-status"
 # The tree never changes while mounted: let the kernel cache names and attributes.
 CACHE_TIMEOUT = 3600.0
+# The host's sysfs behind the cpu directory can change (hotplug): cache it briefly.
+MIRROR_TIMEOUT = 1.0
+CPU_DIR = "sys/devices/system/cpu"
+MIRROR_FIRST_INODE = 1 << 32
+DIR_FH_BASE = 1 << 40  # directory handles of listings fixed at opendir
 
 
 def guarded(
@@ -113,10 +119,43 @@ class ViewsFS(pyfuse3.Operations):
         self.nodes = build_tree(views)
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
+        self._next_dir_fh = DIR_FH_BASE
         self.stats = Stats()
         self.started = time.time()
+        self.cpu_dir_inode, self.cpu_dir = self._mirror(views)
+        self._dirs: dict[int, list[tuple[bytes, pyfuse3.EntryAttributes]]] = {}
         self._uid = os.getuid()
         self._gid = os.getgid()
+
+    def _mirror(self, views: Sequence[View]) -> tuple[int | None, CpuDir | None]:
+        """The node of sys/devices/system/cpu, if any view lives there, and its mirror."""
+        for node in self.nodes.values():
+            if node.view is not None and node.view.path.startswith(CPU_DIR + "/"):
+                parent = self.nodes[node.parent]
+                return parent.inode, CpuDir(
+                    "/" + CPU_DIR, self.renderer.visible_cpus,
+                    [n.decode() for n in parent.children], MIRROR_FIRST_INODE)
+        return None, None
+
+    def _host_attr(self, path: str, entry_timeout: float) -> pyfuse3.EntryAttributes:
+        assert self.cpu_dir is not None
+        try:
+            st = os.lstat(path)
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = self.cpu_dir.inode_of(path)
+        a.generation = 0
+        a.entry_timeout = entry_timeout
+        a.attr_timeout = MIRROR_TIMEOUT
+        a.st_mode = st.st_mode & ~0o222  # read-only
+        a.st_nlink = st.st_nlink
+        a.st_size = st.st_size
+        a.st_uid, a.st_gid = st.st_uid, st.st_gid
+        a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+        a.st_blksize = 4096
+        a.st_blocks = 0
+        return a
 
     def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -153,6 +192,12 @@ class ViewsFS(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        if self.cpu_dir is not None:
+            host = self.cpu_dir.path_of(parent_inode)
+            if host is not None:  # inside a read-through directory
+                if name in (b".", b"..") or b"/" in name:
+                    raise pyfuse3.FUSEError(errno.ENOENT)
+                return self._host_attr(f"{host}/{name.decode()}", MIRROR_TIMEOUT)
         parent = self._node(parent_inode)
         if name == b".":
             return self._attr(parent)
@@ -160,12 +205,30 @@ class ViewsFS(pyfuse3.Operations):
             return self._attr(self._node(parent.parent))
         inode = parent.children.get(name)
         if inode is None:
+            if parent_inode == self.cpu_dir_inode and self.cpu_dir is not None:
+                # What cpuN means depends on the caller: no entry cache.
+                path = self.cpu_dir.top_entry(name.decode(errors="replace"), ctx.pid)
+                if path is not None:
+                    return self._host_attr(path, 0)
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self._attr(self.nodes[inode])
 
     @guarded
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        host = self.cpu_dir.path_of(inode) if self.cpu_dir is not None else None
+        if host is not None:
+            return self._host_attr(host, MIRROR_TIMEOUT)
         return self._attr(self._node(inode))
+
+    @guarded
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        host = self.cpu_dir.path_of(inode) if self.cpu_dir is not None else None
+        if host is None:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        try:
+            return os.readlink(host).encode()
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
 
     @guarded
     async def setattr(
@@ -175,13 +238,45 @@ class ViewsFS(pyfuse3.Operations):
 
     @guarded
     async def opendir(self, inode: int, ctx: Any) -> int:
+        host = self.cpu_dir.path_of(inode) if self.cpu_dir is not None else None
+        if host is not None or (inode == self.cpu_dir_inode and self.cpu_dir is not None):
+            return self._open_mirror_dir(inode, host, ctx.pid)
         node = self._node(inode)
         if node.view is not None or node.status:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
+    def _open_mirror_dir(self, inode: int, host: str | None, pid: int) -> int:
+        """A listing fixed at opendir: of a read-through directory, or of the cpu
+        directory as `pid` sees it (its views, then the host's entries)."""
+        assert self.cpu_dir is not None
+        entries: list[tuple[bytes, pyfuse3.EntryAttributes]] = []
+        try:
+            if host is None:
+                node = self.nodes[inode]
+                for child_name, child in sorted(node.children.items()):
+                    entries.append((child_name, self._attr(self.nodes[child])))
+                for shown, path in self.cpu_dir.top_listing(pid):
+                    entries.append((shown.encode(), self._host_attr(path, 0)))
+            else:
+                for entry in sorted(os.listdir(host)):
+                    entries.append((entry.encode(),
+                                    self._host_attr(f"{host}/{entry}", MIRROR_TIMEOUT)))
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        fh = self._next_dir_fh
+        self._next_dir_fh += 1
+        self._dirs[fh] = entries
+        return fh
+
     @guarded
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        listed = self._dirs.get(fh)
+        if listed is not None:
+            for i, (name, attr) in enumerate(listed[start_id:], start=start_id + 1):
+                if not pyfuse3.readdir_reply(token, name, attr, i):
+                    break
+            return
         node = self._node(fh)
         entries = sorted(node.children.items())
         for i, (name, inode) in enumerate(entries[start_id:], start=start_id + 1):
@@ -190,13 +285,23 @@ class ViewsFS(pyfuse3.Operations):
 
     @guarded
     async def releasedir(self, fh: int) -> None:
-        return None
+        self._dirs.pop(fh, None)
 
     @guarded
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
-        node = self._node(inode)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_CREAT):
             raise pyfuse3.FUSEError(errno.EACCES)
+        host = self.cpu_dir.path_of(inode) if self.cpu_dir is not None else None
+        if host is not None:
+            try:
+                data = CpuDir.read(host)
+            except OSError as exc:
+                raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+            fh = self._next_fh
+            self._next_fh += 1
+            self.handles[fh] = Handle(None, 0, "", data)
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+        node = self._node(inode)
         if node.status:
             return self._open_status()
         if node.view is None:

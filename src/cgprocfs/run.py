@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from cgprocfs.cgroups import Hierarchy, Layout, load_layout, read_proc_cgroup
 from cgprocfs.serve import DEFAULT_MOUNTPOINT, lazy_unmount, mounted_at
-from cgprocfs.views import VIEWS, available_views
+from cgprocfs.views import VIEWS, available_views, bind_targets
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +297,8 @@ def run(cmd: Sequence[str], limits: Limits, serve_args: Sequence[str] = ()) -> i
     cg: TransientCgroup | None = None
     try:
         cg = TransientCgroup.create(layout, limits)
-        binds = [(os.path.join(mountpoint, v.path), v.host_path) for v in available_views()]
+        binds = [(os.path.join(mountpoint, src), dst)
+                 for src, dst in bind_targets(available_views())]
         procs_files = cg.procs_files()
         try:
             child = subprocess.Popen(list(cmd), preexec_fn=lambda: _enter(procs_files, binds))

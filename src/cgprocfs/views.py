@@ -167,6 +167,23 @@ VIEWS: tuple[View, ...] = (
 )
 
 
+CPU_DIR = "sys/devices/system/cpu"
+
+
+def bind_targets(views: tuple[View, ...]) -> list[tuple[str, str]]:
+    """(path in the mount, path it covers) for each bind a container needs: one per view,
+    except that the /sys/devices/system/cpu views come with their whole directory (the
+    caller's cpuN entries), bound once."""
+    out: list[tuple[str, str]] = []
+    for v in views:
+        if v.path.startswith(CPU_DIR + "/"):
+            if (CPU_DIR, "/" + CPU_DIR) not in out:
+                out.append((CPU_DIR, "/" + CPU_DIR))
+        else:
+            out.append((v.path, v.host_path))
+    return out
+
+
 def available_views(views: tuple[View, ...] | None = None) -> tuple[View, ...]:
     """The views whose file exists on this host (no /proc/pressure without PSI), and one
     /sys/block/<dev>/stat view per block device."""
@@ -226,6 +243,15 @@ class Renderer:
             if view.needs_load \
             else None
         return Rendered(render(CpuContext(snap.view, snap, times, load)), snap.caller)
+
+    def visible_cpus(self, pid: int) -> tuple[int, ...] | None:
+        """The host CPUs `pid` sees, in order; None: all of the host's (a caller at the
+        root, or one whose cgroups cannot be read)."""
+        try:
+            snap = self.resolver.cpu_snapshot(pid)
+        except (OSError, OddCgroupData, ValueError, IndexError):
+            return None
+        return None if snap.view is None else snap.view.cpus
 
     def _render_cgroup(self, view: View, render: CgroupRenderer, pid: int) -> Rendered:
         host_text = read_small(view.host_path)

@@ -26,7 +26,7 @@ ONLINE = len(os.sched_getaffinity(0))
 BURN = [PYTHON, "-c", "import time\nt = time.time()\nwhile time.time() - t < 30: pass"]
 
 COUNT_CPUS = (
-    "getconf _NPROCESSORS_ONLN; "
+    "getconf _NPROCESSORS_ONLN; getconf _NPROCESSORS_CONF; "
     f"{PYTHON} -c 'import os; print(os.cpu_count())'; "
     "grep -c ^processor /proc/cpuinfo; "
     "COLUMNS=512 top -1 -b -n1 | grep -o '%Cpu[0-9]*' | wc -l"
@@ -50,14 +50,14 @@ def restrict_to_one_cpu(ct: Container) -> None:
 def test_one_cpu_getconf_python_cpuinfo_top_agree(daemon: Daemon) -> None:
     with make_container(256 << 20, cpuset=True) as ct:
         restrict_to_one_cpu(ct)
-        assert counts(ct, daemon) == [1, 1, 1, 1]
+        assert counts(ct, daemon) == [1, 1, 1, 1, 1]
 
 
 def test_a_quota_of_one_and_a_half_cpus_shows_two(daemon: Daemon) -> None:
     with make_container(256 << 20) as ct:
         ct.set_cpus(1.5)
         want = min(ONLINE, 2)
-        assert counts(ct, daemon) == [want] * 4
+        assert counts(ct, daemon) == [want] * 5
 
 
 def top_us(ct: Container, daemon: Daemon) -> float:
@@ -182,13 +182,15 @@ def test_loadavg_follows_the_containers_runnable_threads(daemon: Daemon) -> None
         assert re.search(r"load average: [2-3]\.\d\d", uptime), uptime
 
 
-def test_htop_shows_the_containers_memory_uptime_and_load(daemon: Daemon) -> None:
-    """htop -d 10 under tmux for a few seconds; the captured screen goes to the output."""
+def test_htop_shows_the_containers_cpus_memory_uptime_and_load(daemon: Daemon) -> None:
+    """htop -d 10 under tmux for a few seconds, in a container restricted to one CPU; the
+    captured screen goes to the output."""
     import shlex
 
     if subprocess.run(["which", "tmux"], capture_output=True).returncode != 0:
         pytest.skip("tmux is not installed")
-    with make_container(256 << 20) as ct:
+    with make_container(256 << 20, cpuset=True) as ct:
+        restrict_to_one_cpu(ct)
         cmd = in_container(ct, daemon.mountpoint, ["htop", "-d", "10"], views=ALL_VIEW_FILES)
         session = f"cgprocfs-htop-{os.getpid()}"
         subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "30",
@@ -200,6 +202,28 @@ def test_htop_shows_the_containers_memory_uptime_and_load(daemon: Daemon) -> Non
         finally:
             subprocess.run(["tmux", "kill-session", "-t", session], check=False)
         print(screen)
+        # One CPU: htop draws a single "CPU[...]" meter, not one numbered meter per CPU.
+        assert re.search(r"^\s*CPU\[", screen, re.M), screen
+        assert not re.findall(r"^\s*\d+\[", screen, re.M), screen
         assert re.search(r"Mem\[.*/256M\]", screen), screen
         assert re.search(r"Uptime: 00:00:0\d", screen), screen
         assert "Load average:" in screen
+
+
+def test_cpu_directory_shows_each_container_its_own_cpus(daemon: Daemon) -> None:
+    """Two containers pinned to different CPUs each see one cpu0, and it is their own host
+    CPU (its topology read through from the host's sysfs)."""
+    if ONLINE < 2 or not Path("/sys/devices/system/cpu/cpu1/topology/core_id").exists():
+        pytest.skip(f"needs 2 CPUs with topology in sysfs, this machine has {ONLINE}")
+    script = ("ls /sys/devices/system/cpu | grep -c '^cpu[0-9]'; "
+              "cat /sys/devices/system/cpu/cpu0/topology/core_id")
+    with make_container(64 << 20, cpuset=True) as a, make_container(64 << 20, cpuset=True) as b:
+        if a.version == 2 and "cpuset" not in a.dirs:
+            pytest.skip("no cpuset controller here")
+        a.set_cpuset("0")
+        b.set_cpuset("1")
+        for ct, host_cpu in ((a, 0), (b, 1), (a, 0)):
+            out = run_in_container(ct, daemon.mountpoint, ["sh", "-c", script],
+                                   views=ALL_VIEW_FILES).split()
+            want = Path(f"/sys/devices/system/cpu/cpu{host_cpu}/topology/core_id").read_text()
+            assert out == ["1", want.strip()], (host_cpu, out)

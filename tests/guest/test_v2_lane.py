@@ -21,6 +21,7 @@ pytestmark = pytest.mark.guest
 # means a v2 scenario did not run, which fails the lane.
 ALLOWED_GUEST_SKIPS: frozenset[str] = frozenset({
     "tests.e2e.test_cpu_views::test_top_shows_half_when_two_cpus_are_visible",
+    "tests.e2e.test_cpu_views::test_cpu_directory_shows_each_container_its_own_cpus",
     "tests.e2e.test_io_views::test_pressure_views",  # the guest kernel has no PSI
 })
 
