@@ -227,3 +227,23 @@ def test_cpu_directory_shows_each_container_its_own_cpus(daemon: Daemon) -> None
                                    views=ALL_VIEW_FILES).split()
             want = Path(f"/sys/devices/system/cpu/cpu{host_cpu}/topology/core_id").read_text()
             assert out == ["1", want.strip()], (host_cpu, out)
+
+
+def test_vmstat_and_mpstat_inside_report_the_container(daemon: Daemon) -> None:
+    """`vmstat 1 2`: free memory within the container's 256 MiB and the CPU columns from
+    the container's /proc/stat; `mpstat` runs and counts the container's CPUs."""
+    with make_container(256 << 20, cpuset=True) as ct:
+        restrict_to_one_cpu(ct)
+        out = run_in_container(ct, daemon.mountpoint,
+                               ["sh", "-c", "vmstat 1 2; echo @@SPLIT@@; mpstat -P ALL"],
+                               views=ALL_VIEW_FILES, timeout=60)
+        vm, mp = out.split("@@SPLIT@@\n")
+        rows = [ln.split() for ln in vm.splitlines() if ln.split() and ln.split()[0].isdigit()]
+        assert len(rows) == 2, vm
+        free_kb = int(rows[-1][3])
+        assert 0 < free_kb <= 256 * 1024, vm
+        us, sy, idle = (int(rows[-1][i]) for i in (12, 13, 14))
+        assert idle >= 90 and us + sy <= 10, vm  # an idle container, whatever the host does
+        assert "(1 CPU)" in mp, mp
+        cpu_rows = [ln.split() for ln in mp.splitlines() if len(ln.split()) > 2]
+        assert {r[1] for r in cpu_rows if r[1].isdigit()} == {"0"}, mp
