@@ -23,7 +23,7 @@ from support import (
 )
 
 ONLINE = len(os.sched_getaffinity(0))
-BURN = [PYTHON, "-c", "import time\nt = time.time()\nwhile time.time() - t < 30: pass"]
+BURN = [PYTHON, "-c", "import time\nt = time.time()\nwhile time.time() - t < 90: pass"]
 
 COUNT_CPUS = (
     "getconf _NPROCESSORS_ONLN; getconf _NPROCESSORS_CONF; "
