@@ -347,12 +347,13 @@ def run_in_container(cg: Cgroup | Container, mountpoint: Path, cmd: Sequence[str
 
 
 def parse_free_b(text: str) -> dict[str, int]:
-    """procps `free -b` -> {total, used, free, shared, buff/cache, available, swap_total,...}"""
-    lines = text.splitlines()
-    header = lines[0].split()
-    mem = lines[1].split()[1:]
+    """procps `free -b` -> {total, used, free, shared, buff/cache, available, swap_total,...}
+    (other lines around it, such as a runtime's warnings, are passed over)"""
+    lines = [ln.split() for ln in text.splitlines()]
+    header = next(ln for ln in lines if ln and ln[0] == "total")
+    mem = next(ln for ln in lines if ln and ln[0] == "Mem:")[1:]
     out = {h: int(v) for h, v in zip(header, mem, strict=False)}
-    swap = lines[2].split()[1:]
+    swap = next(ln for ln in lines if ln and ln[0] == "Swap:")[1:]
     out.update({f"swap_{h}": int(v) for h, v in zip(header, swap, strict=False)})
     return out
 

@@ -188,6 +188,21 @@ def read_small(path: str) -> str:
     return data.decode()
 
 
+def read_optional(path: str) -> str | None:
+    """read_small, or None when the file does not exist (an optional cgroup file)."""
+    try:
+        return read_small(path)
+    except FileNotFoundError:
+        return None
+
+
+def proc_stat_fields(pid: int, proc: str = "/proc") -> list[str]:
+    """/proc/PID/stat after the command name (which may hold spaces and parentheses):
+    [0] is the state, [1] the parent pid, [19] the start time in clock ticks."""
+    stat = read_small(f"{proc}/{pid}/stat")
+    return stat[stat.rindex(")") + 2 :].split()
+
+
 def read_proc_cgroup(pid: int, proc: str = "/proc") -> ProcCgroups:
     return parse_proc_cgroup(read_small(f"{proc}/{pid}/cgroup"))
 

@@ -14,9 +14,18 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
-from cgprocfs.cgroups import Hierarchy, ProcCgroups, ancestors, read_small
+from cgprocfs.cgroups import (
+    Hierarchy,
+    ProcCgroups,
+    ancestors,
+    proc_stat_fields,
+    read_optional,
+    read_small,
+)
 from cgprocfs.snapshot import OddCgroupData, parse_flat_keyed
+from cgprocfs.ttl import TtlCache
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -78,20 +87,12 @@ def visible_count(cpuset: list[int], quota: float | None) -> int:
     return max(1, min(len(cpuset), math.ceil(quota - 1e-9)))
 
 
-def _optional(path: str) -> str | None:
-    try:
-        return read_small(path)
-    except FileNotFoundError:
-        return None
-
-
 def host_uptime() -> float:
     return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
-def _start_seconds(pid: int, proc: str = "/proc") -> float:
-    stat = read_small(f"{proc}/{pid}/stat")
-    return int(stat[stat.rindex(")") + 2 :].split()[19]) / CLK_TCK
+def _start_seconds(pid: int) -> float:
+    return int(proc_stat_fields(pid)[19]) / CLK_TCK
 
 
 def task_states(d: str, version: int, exclude: int = 0) -> tuple[int, int, int, int]:
@@ -103,13 +104,12 @@ def task_states(d: str, version: int, exclude: int = 0) -> tuple[int, int, int, 
     running = blocked = threads = last_pid = 0
     listing = "cgroup.threads" if version == 2 else "tasks"
     for root, _dirs, _files in os.walk(d):
-        text = _optional(os.path.join(root, listing)) or ""
+        text = read_optional(os.path.join(root, listing)) or ""
         for tid in text.split():
             try:
-                stat = read_small(f"/proc/{tid}/stat")
-            except OSError:
+                state = proc_stat_fields(int(tid))[0]
+            except (OSError, ValueError):
                 continue
-            state = stat[stat.rindex(")") + 2]
             threads += 1
             last_pid = max(last_pid, int(tid))
             if tid == str(exclude):
@@ -121,18 +121,29 @@ def task_states(d: str, version: int, exclude: int = 0) -> tuple[int, int, int, 
     return running, blocked, threads, last_pid
 
 
+def _quota_at(d: str, version: int) -> float | None:
+    if version == 2:
+        text = read_optional(f"{d}/cpu.max")
+        return parse_quota(text, 2) if text is not None else None
+    text = read_optional(f"{d}/cpu.cfs_quota_us")
+    return None if text is None else parse_quota(text, 1, read_optional(f"{d}/cpu.cfs_period_us"))
+
+
 class CpuReader:
     """Reads CpuView for callers; holds small caches with explicit bounds."""
 
     # Task states are a gauge sampled for procs_running/blocked: at most this old.
     TASKS_MAX_AGE = 1.0
+    # A cgroup's CFS quota, like its memory limits, changes rarely.
+    QUOTA_MAX_AGE = 1.0
 
     def __init__(self, cpu: Hierarchy | None, cpuacct: Hierarchy | None,
                  cpuset: Hierarchy | None, use_quota: bool = True) -> None:
         self.cpu, self.cpuacct, self.cpuset = cpu, cpuacct, cpuset
         self.use_quota = use_quota
         self._oldest: dict[str, tuple[int, float]] = {}
-        self._tasks: dict[str, tuple[float, tuple[int, int, int, int]]] = {}
+        self._tasks = TtlCache[tuple[str, int], tuple[int, int, int, int]](self.TASKS_MAX_AGE)
+        self._quotas = TtlCache[str, float | None](self.QUOTA_MAX_AGE)
 
     def at_root(self, procs: ProcCgroups) -> bool:
         """A caller at the root of every CPU hierarchy sees the host's CPU files."""
@@ -144,12 +155,15 @@ class CpuReader:
     def online(self) -> list[int]:
         return parse_cpu_list(read_small("/sys/devices/system/cpu/online"))
 
+    def cpus(self, procs: ProcCgroups) -> tuple[int, ...]:
+        """The host CPUs a caller sees, in order: its cpuset ∩ online, cut by its quota."""
+        cpuset = self._cpuset(procs, self.online())
+        quota = self._quota(procs) if self.use_quota else None
+        return tuple(cpuset[: visible_count(cpuset, quota)])
+
     def view(self, procs: ProcCgroups, container: Callable[[Hierarchy, str], str],
              ns_init: int | None) -> CpuView:
-        online = self.online()
-        cpuset = self._cpuset(procs, online)
-        quota = self._quota(procs) if self.use_quota else None
-        n = visible_count(cpuset, quota)
+        cpus = self.cpus(procs)
         acct = self.cpuacct or self.cpu
         if acct is None:
             raise OddCgroupData("no cpu accounting hierarchy")
@@ -161,8 +175,9 @@ class CpuReader:
         user_us, system_us = self._usage(acct, d)
         now = host_uptime()
         start = self._start(d, acct.version, ns_init, now)
-        running, blocked, threads, _ = self._tasks_of(d, acct.version)
-        return CpuView(acct.version, path, tuple(cpuset[:n]), user_us, system_us, start, now,
+        running, blocked, threads, _ = self._tasks.get(
+            (d, acct.version), lambda: task_states(d, acct.version))
+        return CpuView(acct.version, path, cpus, user_us, system_us, start, now,
                        running, blocked, threads, d)
 
     def _cpuset(self, procs: ProcCgroups, online: list[int]) -> list[int]:
@@ -175,7 +190,7 @@ class CpuReader:
             d = h.directory(p)
             if d is None:
                 break
-            text = _optional(f"{d}/{name}")
+            text = read_optional(f"{d}/{name}")
             if text is not None and text.strip():
                 allowed = set(parse_cpu_list(text))
                 return [c for c in online if c in allowed] or online
@@ -192,13 +207,7 @@ class CpuReader:
             d = h.directory(p)
             if d is None:
                 break
-            if h.version == 2:
-                text = _optional(f"{d}/cpu.max")
-                q = parse_quota(text, 2) if text is not None else None
-            else:
-                text = _optional(f"{d}/cpu.cfs_quota_us")
-                q = None if text is None else parse_quota(
-                    text, 1, _optional(f"{d}/cpu.cfs_period_us"))
+            q = self._quotas.get(d, partial(_quota_at, d, h.version))
             if q is not None and (best is None or q < best):
                 best = q
         return best
@@ -208,7 +217,7 @@ class CpuReader:
         if h.version == 2:
             stat = parse_flat_keyed(read_small(f"{d}/cpu.stat"))
             return stat.get("user_usec", 0), stat.get("system_usec", 0)
-        text = _optional(f"{d}/cpuacct.usage_all")
+        text = read_optional(f"{d}/cpuacct.usage_all")
         if text is not None:
             user = system = 0
             for line in text.splitlines()[1:]:
@@ -239,7 +248,7 @@ class CpuReader:
                 pass
         oldest: tuple[int, float] | None = None
         for root, _dirs, _files in os.walk(d):
-            for pid_text in (_optional(os.path.join(root, "cgroup.procs")) or "").split():
+            for pid_text in (read_optional(os.path.join(root, "cgroup.procs")) or "").split():
                 try:
                     s = _start_seconds(int(pid_text))
                 except (OSError, ValueError, IndexError):
@@ -252,14 +261,3 @@ class CpuReader:
             self._oldest.clear()
         self._oldest[d] = oldest
         return oldest[1]
-
-    def _tasks_of(self, d: str, version: int) -> tuple[int, int, int, int]:
-        now = time.monotonic()
-        hit = self._tasks.get(d)
-        if hit is not None and now - hit[0] < self.TASKS_MAX_AGE:
-            return hit[1]
-        value = task_states(d, version)
-        if len(self._tasks) > 4096:
-            self._tasks.clear()
-        self._tasks[d] = (now, value)
-        return value

@@ -10,15 +10,17 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from cgprocfs.cgroups import (
     Hierarchy,
     Layout,
     ancestors,
     parse_proc_cgroup,
+    proc_stat_fields,
+    read_optional,
     read_proc_cgroup,
     read_small,
 )
@@ -34,6 +36,7 @@ from cgprocfs.snapshot import (
     parse_limit,
     parse_meminfo,
 )
+from cgprocfs.ttl import TtlCache
 
 
 @dataclass(frozen=True)
@@ -55,16 +58,13 @@ class Snapshot:
     caller: str = ""  # the caller's /proc/PID/cgroup as read for this snapshot
 
 
-def _read_optional(path: str) -> str | None:
-    try:
-        return read_small(path)
-    except FileNotFoundError:
-        return None
-
-
 def _limit_at(path: str) -> int | None:
-    text = _read_optional(path)
+    text = read_optional(path)
     return None if text is None else parse_limit(text)
+
+
+def _limits_at(d: str, limit_file: str, swap_file: str) -> tuple[int | None, int | None]:
+    return _limit_at(f"{d}/{limit_file}"), _limit_at(f"{d}/{swap_file}")
 
 
 # How old the host's cpuinfo may be.
@@ -78,24 +78,8 @@ HOST_MAX_AGE = 0.05
 LIMITS_MAX_AGE = 1.0
 
 
-class LimitsCache:
-    """(limit, swap limit) per cgroup directory, at most LIMITS_MAX_AGE seconds old."""
-
-    def __init__(self, max_age: float = LIMITS_MAX_AGE, max_entries: int = 8192) -> None:
-        self.max_age = max_age
-        self.max_entries = max_entries
-        self._entries: dict[str, tuple[float, int | None, int | None]] = {}
-
-    def get(self, d: str, limit_file: str, swap_file: str) -> tuple[int | None, int | None]:
-        now = time.monotonic()
-        hit = self._entries.get(d)
-        if hit is not None and now - hit[0] < self.max_age:
-            return hit[1], hit[2]
-        value = (_limit_at(f"{d}/{limit_file}"), _limit_at(f"{d}/{swap_file}"))
-        if len(self._entries) >= self.max_entries:
-            self._entries.clear()
-        self._entries[d] = (now, *value)
-        return value
+# (limit, swap limit) of one cgroup directory.
+LimitsCache = TtlCache[str, tuple[int | None, int | None]]
 
 
 def memory_view_for_path(
@@ -131,7 +115,7 @@ def _pick(
     best_path: str | None = None
     swap_best: int | None = None
     for p, d in chain:
-        lim, sw = cache.get(d, limit_file, swap_file)
+        lim, sw = cache.get(d, partial(_limits_at, d, limit_file, swap_file))
         if lim is not None and (best is None or lim <= best):
             best, best_path = lim, p
         if sw is not None and (swap_best is None or sw < swap_best):
@@ -161,14 +145,14 @@ def _v2_view(
     if where is None:
         return None
     view_path, d = where
-    usage_text = _read_optional(f"{d}/memory.current")
+    usage_text = read_optional(f"{d}/memory.current")
     if usage_text is None:
         raise OddCgroupData(f"{view_path} has no memory.current (memory controller off)")
     usage = parse_count(usage_text)
     stat = parse_flat_keyed(read_small(f"{d}/memory.stat"))
-    swap_text = _read_optional(f"{d}/memory.swap.current")
+    swap_text = read_optional(f"{d}/memory.swap.current")
     swap_usage = parse_count(swap_text) if swap_text is not None else 0
-    events_text = _read_optional(f"{d}/memory.events") if with_events else None
+    events_text = read_optional(f"{d}/memory.events") if with_events else None
     events = parse_flat_keyed(events_text) if events_text is not None else {}
     return MemoryView(
         version=2, cgroup=view_path, limit=limit, usage=usage, stat=stat,
@@ -194,7 +178,7 @@ def _v1_view(
     # memory.stat carries the swap usage when swap accounting is on; saves a read.
     swap_usage = stat.get("total_swap", stat.get("swap"))
     if swap_usage is None:
-        memsw_text = _read_optional(f"{d}/memory.memsw.usage_in_bytes")
+        memsw_text = read_optional(f"{d}/memory.memsw.usage_in_bytes")
         swap_usage = max(0, parse_count(memsw_text) - usage) if memsw_text else 0
     if memsw_limit is None:
         swap_limit = None
@@ -202,7 +186,7 @@ def _v1_view(
         swap_limit = memsw_limit
     else:
         swap_limit = max(0, memsw_limit - limit)
-    oom_text = _read_optional(f"{d}/memory.oom_control") if with_events else None
+    oom_text = read_optional(f"{d}/memory.oom_control") if with_events else None
     oom = parse_flat_keyed(oom_text) if oom_text is not None else {}
     return MemoryView(
         version=1, cgroup=view_path, limit=limit, usage=usage, stat=stat,
@@ -211,9 +195,7 @@ def _v1_view(
 
 
 def _ppid(proc: str, pid: int) -> int:
-    stat = read_small(f"{proc}/{pid}/stat")
-    # The command name may contain spaces and parentheses: fields start after the last ')'.
-    return int(stat[stat.rindex(")") + 2 :].split(" ", 2)[1])
+    return int(proc_stat_fields(pid, proc)[1])
 
 
 class Resolver:
@@ -226,8 +208,9 @@ class Resolver:
         self.own_pidns = os.readlink(f"{proc}/self/ns/pid")
         # pid namespace -> its init's pid; validated on use, so pid reuse cannot mislead.
         self._ns_init: dict[str, int] = {}
-        self.limits = LimitsCache()
-        self.host_max_age = HOST_MAX_AGE
+        self.limits = LimitsCache(LIMITS_MAX_AGE)
+        self.host = TtlCache[None, HostMemory](HOST_MAX_AGE)
+        self.cpuinfo = TtlCache[None, str](CPUINFO_MAX_AGE)
         # Key order and layout of the kernel's files never change while it runs.
         with open(f"{proc}/vmstat") as f:
             self.vmstat_keys = tuple(line.split(" ", 1)[0] for line in f if line.strip())
@@ -240,30 +223,23 @@ class Resolver:
         self._meminfo_ntokens = len(tokens)
         self._meminfo_positions = [i + 1 for i, t in enumerate(tokens) if t.endswith(":")]
         self._meminfo_keys = [tokens[i - 1][:-1] for i in self._meminfo_positions]
-        self._host: HostMemory | None = None
-        self._host_at = 0.0
         self.cpu = CpuReader(layout.for_controller("cpu"), layout.for_controller("cpuacct"),
                              layout.for_controller("cpuset"), use_quota=use_quota)
         with open(f"{proc}/stat") as f:
             self.host_stat = parse_host_stat(f.read())
-        self._cpuinfo = ""
-        self._cpuinfo_at = -CPUINFO_MAX_AGE
 
     def host_cpuinfo(self) -> str:
         """The host's /proc/cpuinfo, at most CPUINFO_MAX_AGE old (only "cpu MHz" moves,
         and the kernel takes a while to produce the file)."""
-        now = time.monotonic()
-        if now - self._cpuinfo_at >= CPUINFO_MAX_AGE:
-            with open(f"{self.proc}/cpuinfo") as f:
-                self._cpuinfo = f.read()
-            self._cpuinfo_at = now
-        return self._cpuinfo
+        return self.cpuinfo.get(None, lambda: read_small(f"{self.proc}/cpuinfo"))
 
     def container_dir(self, pid: int, controller: str) -> tuple[str, int, str] | None:
         """(directory, version, caller's /proc/PID/cgroup) of the caller's container
         cgroup in the hierarchy of `controller`; None for a caller at that hierarchy's
         root (it sees the host's file)."""
-        h = self.layout.for_controller(controller)
+        # v1 names the I/O controller blkio; v2 calls it io.
+        h = self.layout.for_controller(controller) or (
+            self.layout.for_controller("blkio") if controller == "io" else None)
         if h is None or pid <= 0:
             return None
         caller = read_small(f"{self.proc}/{pid}/cgroup")
@@ -275,6 +251,13 @@ class Resolver:
         if d is None:
             raise OddCgroupData(f"cgroup {path} is outside the mounted hierarchy")
         return d, h.version, caller
+
+    def visible_cpus(self, pid: int) -> tuple[int, ...] | None:
+        """The host CPUs `pid` sees; None for a caller at the root (all of the host's)."""
+        if pid <= 0:
+            return None
+        procs = parse_proc_cgroup(read_small(f"{self.proc}/{pid}/cgroup"))
+        return None if self.cpu.at_root(procs) else self.cpu.cpus(procs)
 
     def cpu_snapshot(self, pid: int) -> CpuSnapshot:
         if pid <= 0:
@@ -290,17 +273,15 @@ class Resolver:
     def host_memory(self) -> HostMemory:
         """The host's meminfo, at most HOST_MAX_AGE old: its figures only cap ours (free
         and available never above the host's) or are host-wide constants."""
-        now = time.monotonic()
-        if self._host is not None and now - self._host_at < self.host_max_age:
-            return self._host
+        return self.host.get(None, self._read_host_memory)
+
+    def _read_host_memory(self) -> HostMemory:
         text = read_small(f"{self.proc}/meminfo")
-        self._host = HostMemory(
+        return HostMemory(
             meminfo_text=text, meminfo_kb=self._parse_host_meminfo(text),
             vmstat_keys=self.vmstat_keys, swaps_header=self.swaps_header,
             layout=self.meminfo_layout,
         )
-        self._host_at = now
-        return self._host
 
     def _parse_host_meminfo(self, text: str) -> dict[str, int]:
         # The kernel's key order is fixed: take the numbers by position, and fall back to

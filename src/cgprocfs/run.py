@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cgprocfs.cgroups import Hierarchy, Layout, load_layout, read_proc_cgroup
-from cgprocfs.serve import DEFAULT_MOUNTPOINT, lazy_unmount, mounted_at
+from cgprocfs.serve import DEFAULT_MOUNTPOINT, lazy_unmount, libc, mounted_at
 from cgprocfs.views import VIEWS, available_views, bind_targets
 
 log = logging.getLogger(__name__)
@@ -48,10 +48,6 @@ def parse_size(text: str) -> int:
         raise ValueError(f"not a size: {text!r} (try 256M, 1G, 268435456)")
     scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
     return int(float(m.group(1)) * scale)
-
-
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 def _check(ret: int, what: str) -> None:
@@ -271,12 +267,12 @@ def _enter(procs_files: list[str], binds: list[tuple[str, str]]) -> None:
     namespace, bind the views over the files they replace."""
     for procs_file in procs_files:
         _write(procs_file, str(os.getpid()))
-    libc = _libc()
-    _check(libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-    _check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
+    lib = libc()
+    _check(lib.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    _check(lib.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
     for source, target in binds:
         if os.path.exists(target):
-            _check(libc.mount(source.encode(), target.encode(), None, MS_BIND, None),
+            _check(lib.mount(source.encode(), target.encode(), None, MS_BIND, None),
                    f"bind {source} over {target}")
 
 

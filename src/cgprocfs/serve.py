@@ -43,7 +43,7 @@ def apply_config(cfg: Config, resolver: Resolver, renderer: Renderer) -> None:
     renderer.opts = RenderOptions(hide_swap=cfg.hide_swap)
     resolver.cpu.use_quota = cfg.cpu_quota
     resolver.limits.max_age = cfg.limits_max_age
-    resolver.host_max_age = cfg.host_max_age
+    resolver.host.max_age = cfg.host_max_age
     logging.getLogger().setLevel(cfg.log_level.upper())
 
 
@@ -69,12 +69,12 @@ def sd_notify(message: str) -> None:
         log.warning("sd_notify(%s) failed: %s", message, exc)
 
 
-def _libc() -> ctypes.CDLL:
+def libc() -> ctypes.CDLL:
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 def lazy_unmount(path: str) -> None:
-    if _libc().umount2(path.encode(), MNT_DETACH) != 0:
+    if libc().umount2(path.encode(), MNT_DETACH) != 0:
         e = ctypes.get_errno()
         raise OSError(e, f"umount2({path}, MNT_DETACH): {os.strerror(e)}")
 

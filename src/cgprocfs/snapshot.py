@@ -120,22 +120,6 @@ def parse_meminfo(text: str) -> dict[str, int]:
     return {k: int(v) for k, v in _MEMINFO_LINE.findall(text)}
 
 
-def parse_meminfo_slow(text: str) -> dict[str, int]:
-    """Line-by-line reference parser (tests compare the fast one against it)."""
-    out: dict[str, int] = {}
-    for line in text.splitlines():
-        key, sep, rest = line.partition(":")
-        if not sep:
-            continue
-        parts = rest.split()
-        if parts:
-            try:
-                out[key] = int(parts[0])
-            except ValueError:
-                continue
-    return out
-
-
 def parse_limit(text: str) -> int | None:
     """A limit file: a byte count, `max` (v2) or v1's huge 'unlimited'. None = unlimited."""
     value = text.strip()

@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cgprocfs.cgroups import read_small
+from cgprocfs.cgroups import read_optional, read_small
 from cgprocfs.cpu import CpuView
 from cgprocfs.loadavg import Load, LoadTracker
 from cgprocfs.render.cpu import (
@@ -35,6 +35,8 @@ from cgprocfs.snapshot import HostMemory, MemoryView, OddCgroupData, RenderOptio
 log = logging.getLogger(__name__)
 
 MemoryRenderer = Callable[[HostMemory, MemoryView, RenderOptions], bytes]
+
+
 @dataclass(frozen=True)
 class CpuContext:
     """Everything a CPU view renders from."""
@@ -52,12 +54,14 @@ CgroupRenderer = Callable[[str, int, str], bytes]
 
 def _io_stats(d: str, version: int) -> IoStats:
     if version == 2:
-        return parse_io_stat(_read_or_empty(f"{d}/io.stat"))
-    return parse_blkio(
-        _read_first(f"{d}/blkio.throttle.io_service_bytes_recursive",
-                    f"{d}/blkio.throttle.io_service_bytes"),
-        _read_first(f"{d}/blkio.throttle.io_serviced_recursive",
-                    f"{d}/blkio.throttle.io_serviced"))
+        return parse_io_stat(read_optional(f"{d}/io.stat") or "")
+    return parse_blkio(_blkio(d, "io_service_bytes"), _blkio(d, "io_serviced"))
+
+
+def _blkio(d: str, name: str) -> str:
+    # The _recursive files include descendant cgroups; older kernels lack them.
+    text = read_optional(f"{d}/blkio.throttle.{name}_recursive")
+    return text if text is not None else read_optional(f"{d}/blkio.throttle.{name}") or ""
 
 
 def _diskstats(d: str, version: int, host_text: str) -> bytes:
@@ -98,22 +102,6 @@ def _pressure(resource: str) -> CgroupRenderer:
         return read_small(f"{d}/{resource}.pressure").encode()
 
     return render
-
-
-def _read_or_empty(path: str) -> str:
-    try:
-        return read_small(path)
-    except FileNotFoundError:
-        return ""
-
-
-def _read_first(*paths: str) -> str:
-    for p in paths:
-        try:
-            return read_small(p)
-        except FileNotFoundError:
-            continue
-    return ""
 
 
 @dataclass(frozen=True)
@@ -190,7 +178,6 @@ def available_views(views: tuple[View, ...] | None = None) -> tuple[View, ...]:
     if views is None:
         views = VIEWS + block_views()
     return tuple(v for v in views if os.path.exists(v.host_path))
-VIEWS_BY_PATH = {v.path: v for v in VIEWS}
 
 
 class Renderer:
@@ -248,19 +235,14 @@ class Renderer:
         """The host CPUs `pid` sees, in order; None: all of the host's (a caller at the
         root, or one whose cgroups cannot be read)."""
         try:
-            snap = self.resolver.cpu_snapshot(pid)
+            return self.resolver.visible_cpus(pid)
         except (OSError, OddCgroupData, ValueError, IndexError):
             return None
-        return None if snap.view is None else snap.view.cpus
 
     def _render_cgroup(self, view: View, render: CgroupRenderer, pid: int) -> Rendered:
         host_text = read_small(view.host_path)
-        # v1 names the I/O controller blkio; v2 calls it io.
-        controller = view.controller
         try:
-            found = self.resolver.container_dir(pid, controller)
-            if found is None and controller == "io":
-                found = self.resolver.container_dir(pid, "blkio")
+            found = self.resolver.container_dir(pid, view.controller)
             if found is None:
                 return Rendered(host_text.encode(), "")
             d, version, caller = found

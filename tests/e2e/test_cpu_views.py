@@ -4,11 +4,13 @@ getconf, Python, procps top and uptime inside."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -69,21 +71,25 @@ def top_us(ct: Container, daemon: Daemon) -> float:
     return float(re.search(r"([\d.]+) us", lines[-1]).group(1))  # type: ignore[union-attr]
 
 
-def burner(ct: Container, daemon: Daemon) -> subprocess.Popen[bytes]:
-    p = subprocess.Popen(in_container(ct, daemon.mountpoint, BURN, views=ALL_VIEW_FILES))
-    time.sleep(0.5)
-    return p
+@contextlib.contextmanager
+def burning(ct: Container, daemon: Daemon, n: int = 1) -> Iterator[None]:
+    """n processes in `ct` burning a CPU each, killed on the way out."""
+    procs = [subprocess.Popen(in_container(ct, daemon.mountpoint, BURN, views=ALL_VIEW_FILES))
+             for _ in range(n)]
+    try:
+        time.sleep(0.5)
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 def test_top_shows_a_burning_process_as_the_containers_full_cpu(daemon: Daemon) -> None:
     with make_container(256 << 20, cpuset=True) as ct:
         restrict_to_one_cpu(ct)
-        p = burner(ct, daemon)
-        try:
+        with burning(ct, daemon):
             us = top_us(ct, daemon)
-        finally:
-            p.kill()
-            p.wait()
         assert 85 <= us <= 100, us
 
 
@@ -92,23 +98,15 @@ def test_top_shows_half_when_two_cpus_are_visible(daemon: Daemon) -> None:
         pytest.skip(f"needs 2 CPUs, this machine has {ONLINE}")
     with make_container(256 << 20, cpuset=True) as ct:
         ct.set_cpuset("0-1")
-        p = burner(ct, daemon)
-        try:
+        with burning(ct, daemon):
             us = top_us(ct, daemon)
-        finally:
-            p.kill()
-            p.wait()
         assert 35 <= us <= 65, us
 
 
 def test_an_idle_container_is_idle_while_another_burns(daemon: Daemon) -> None:
     with make_container(256 << 20) as busy, make_container(256 << 20) as idle:
-        p = burner(busy, daemon)
-        try:
+        with burning(busy, daemon):
             us = top_us(idle, daemon)
-        finally:
-            p.kill()
-            p.wait()
         assert us <= 10, us
 
 
@@ -142,13 +140,9 @@ def test_stat_counters_never_decrease(daemon: Daemon) -> None:
     )
     with make_container(256 << 20) as ct:
         ct.set_cpus(1.0)
-        p = burner(ct, daemon)
-        try:
+        with burning(ct, daemon):
             out = run_in_container(ct, daemon.mountpoint, [PYTHON, "-c", reader],
                                    views=ALL_VIEW_FILES, timeout=120)
-        finally:
-            p.kill()
-            p.wait()
         assert out.split()[0] == "ok"
         assert int(out.split()[1]) == 1 + min(ONLINE, math.ceil(1.0))
 
@@ -163,8 +157,7 @@ def test_loadavg_follows_the_containers_runnable_threads(daemon: Daemon) -> None
     """3 busy processes: the 1-minute load heads for 3 (above 2 at once and after 60 s of
     5 s samples) while an idle container's stays below 0.5 on the same, busy host."""
     with make_container(256 << 20) as busy, make_container(256 << 20) as idle:
-        procs = [burner(busy, daemon) for _ in range(3)]
-        try:
+        with burning(busy, daemon, 3):
             first = loadavg(busy, daemon)
             assert loadavg(idle, daemon)[0] < 0.5
             time.sleep(61)  # twelve sampling cycles
@@ -172,10 +165,6 @@ def test_loadavg_follows_the_containers_runnable_threads(daemon: Daemon) -> None
             quiet = loadavg(idle, daemon)
             uptime = run_in_container(busy, daemon.mountpoint, ["uptime"],
                                       views=ALL_VIEW_FILES)
-        finally:
-            for p in procs:
-                p.kill()
-                p.wait()
         assert first[0] > 2, first
         assert later[0] > 2, later
         assert quiet[0] < 0.5, quiet

@@ -158,34 +158,26 @@ def _serve(args: list[str], **kw) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=30, cwd=REPO, **kw)
 
 
-def test_not_root_is_a_clear_one_line_error(root_fuse: None) -> None:
-    mp = tempfile.mkdtemp(prefix="cgprocfs-test-")
-    try:
-        # Drop to nobody after the imports (root's Python may not be readable by nobody).
-        code = ("import os, sys, cgprocfs.cli, cgprocfs.serve; os.setgid(65534); "
-                f"os.setuid(65534); sys.exit(cgprocfs.cli.main(['serve', '{mp}']))")
-        res = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True,
-                             timeout=30, cwd=REPO)
-        assert res.returncode == 1
-        assert res.stderr.strip().count("\n") == 0, res.stderr
-        assert "must run as root" in res.stderr
-    finally:
-        os.rmdir(mp)
+def test_not_root_is_a_clear_one_line_error(root_fuse: None, tmp_path: Path) -> None:
+    # Drop to nobody after the imports (root's Python may not be readable by nobody).
+    code = ("import os, sys, cgprocfs.cli, cgprocfs.serve; os.setgid(65534); "
+            f"os.setuid(65534); sys.exit(cgprocfs.cli.main(['serve', '{tmp_path}']))")
+    res = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True,
+                         timeout=30, cwd=REPO)
+    assert res.returncode == 1
+    assert res.stderr.strip().count("\n") == 0, res.stderr
+    assert "must run as root" in res.stderr
 
 
-def test_no_dev_fuse_is_a_clear_one_line_error(root_fuse: None) -> None:
-    mp = tempfile.mkdtemp(prefix="cgprocfs-test-")
-    try:
-        # A private mount namespace with an empty /dev: no /dev/fuse.
-        res = subprocess.run(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-             f"mount -t tmpfs none /dev && exec {PYTHON} -m cgprocfs serve {mp}"],
-            capture_output=True, text=True, timeout=30, cwd=REPO)
-        assert res.returncode == 1
-        assert res.stderr.strip().count("\n") == 0, res.stderr
-        assert "no /dev/fuse" in res.stderr
-    finally:
-        os.rmdir(mp)
+def test_no_dev_fuse_is_a_clear_one_line_error(root_fuse: None, tmp_path: Path) -> None:
+    # A private mount namespace with an empty /dev: no /dev/fuse.
+    res = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         f"mount -t tmpfs none /dev && exec {PYTHON} -m cgprocfs serve {tmp_path}"],
+        capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert res.returncode == 1
+    assert res.stderr.strip().count("\n") == 0, res.stderr
+    assert "no /dev/fuse" in res.stderr
 
 
 def test_mountpoint_busy_is_a_clear_error(daemon: Daemon) -> None:

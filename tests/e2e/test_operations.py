@@ -15,6 +15,7 @@ from support import (
     ALL_VIEW_FILES,
     PYTHON,
     REPO,
+    Daemon,
     make_container,
     run_in_container,
     running_daemon,
@@ -70,6 +71,15 @@ def test_missing_named_config_file_is_an_error(tmp_path: Path) -> None:
     assert res.returncode == 2 and "does not exist" in res.stderr
 
 
+def sighup_and_wait(d: Daemon, text: str, timeout: float = 10) -> bool:
+    """SIGHUP the daemon; True once `text` appears in its log."""
+    d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while text not in d.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return text in d.log()
+
+
 def test_sighup_rereads_the_configuration_and_keeps_the_mount(root_fuse: None,
                                                               tmp_path: Path) -> None:
     conf = tmp_path / "config.toml"
@@ -84,20 +94,12 @@ def test_sighup_rereads_the_configuration_and_keeps_the_mount(root_fuse: None,
 
         assert online() == "0"
         conf.write_text("cpu_quota = false\n")
-        d.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while "configuration reloaded" not in d.log() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert "configuration reloaded" in d.log()
+        assert sighup_and_wait(d, "configuration reloaded")
         want = "0" if len(os.sched_getaffinity(0)) == 1 else f"0-{len(os.sched_getaffinity(0)) - 1}"
         assert online() == want
         # A broken file is refused and the running settings stay.
         conf.write_text("cpu_quota = perhaps\n")
-        d.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while "not reloaded" not in d.log() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert "configuration not reloaded" in d.log()
+        assert sighup_and_wait(d, "configuration not reloaded")
         assert online() == want
         assert d.proc.poll() is None
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -213,6 +214,13 @@ log "script exited with status $status"
 sync
 halt_now
 """
+
+
+def output_section(output: str, name: str) -> str:
+    """The lines a guest script printed after `=== name` and before the next `=== `."""
+    m = re.search(rf"^=== {re.escape(name)}\n(.*?)(?=^=== |\Z)", output, re.S | re.M)
+    assert m, f"no section {name} in:\n{output}"
+    return m.group(1)
 
 
 def report_with_logs(r: GuestResult, logs_dir: str = "daemon-logs") -> str:

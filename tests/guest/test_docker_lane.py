@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+from support import parse_free_b
 
 from tests.guest.packages import (
     TINY_IMAGE_NAME,
@@ -16,25 +17,9 @@ from tests.guest.packages import (
     docker_setup_script,
     ensure_docker_root,
 )
-from tests.guest.runner import available, report_with_logs, run_in_guest
+from tests.guest.runner import available, output_section, report_with_logs, run_in_guest
 
 pytestmark = [pytest.mark.guest, pytest.mark.docker]
-
-
-def section(output: str, name: str) -> str:
-    m = re.search(rf"^=== {name}\n(.*?)(?=^=== |\Z)", output, re.S | re.M)
-    assert m, f"no section {name} in:\n{output}"
-    return m.group(1)
-
-
-def free_b(text: str) -> dict[str, int]:
-    lines = [ln.split() for ln in text.splitlines()]
-    header = next(ln for ln in lines if ln and ln[0] == "total")
-    mem = next(ln for ln in lines if ln and ln[0] == "Mem:")
-    swap = next(ln for ln in lines if ln and ln[0] == "Swap:")
-    out = {h: int(v) for h, v in zip(header, mem[1:], strict=False)}
-    out.update({f"swap_{h}": int(v) for h, v in zip(header, swap[1:], strict=False)})
-    return out
 
 
 def test_docker_containers_see_their_limit_through_the_views(tmp_path: Path) -> None:
@@ -71,15 +56,15 @@ grep MemTotal /proc/meminfo
     r = run_in_guest(script, timeout=400, out_parent=tmp_path)
     report = report_with_logs(r)
     assert r.returncode == 0, report
-    args = section(r.output, "args")
+    args = output_section(r.output, "args")
     for view in ("meminfo", "swaps"):
         assert f"/var/lib/cgprocfs/proc/{view}:/proc/{view}:ro" in args, report
     # runc refuses binds over /proc/vmstat (not on its allow-list): docker-args leaves it
     # out; vmstat -s still shows the container's memory, which it reads from meminfo.
     assert "/proc/vmstat" not in args, report
 
-    limited = section(r.output, "limited")
-    free = free_b(limited)
+    limited = output_section(r.output, "limited")
+    free = parse_free_b(limited)
     assert free["total"] == 268435456, report
     assert free["used"] < 64 << 20, report
     assert free["swap_total"] == 0, report
@@ -89,7 +74,7 @@ grep MemTotal /proc/meminfo
     assert re.search(r"^\s*262144 K total memory$", vmstat, re.M), report
     assert re.search(r"^\s*0 K total swap$", vmstat, re.M), report
 
-    guest_total_kb = int(section(r.output, "guest").split()[1])
-    unlimited = free_b(section(r.output, "unlimited"))
+    guest_total_kb = int(output_section(r.output, "guest").split()[1])
+    unlimited = parse_free_b(output_section(r.output, "unlimited"))
     assert unlimited["total"] == guest_total_kb * 1024, report
     print(f"docker lane took {r.duration:.0f} s")

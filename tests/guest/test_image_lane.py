@@ -23,13 +23,13 @@ build. What runs in the guest:
 
 from __future__ import annotations
 
-import re
 import shlex
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from support import parse_free_b
 
 from tests.deploy import dockerfile
 from tests.deploy.image_rootfs import build_daemon_rootfs_tarball
@@ -40,7 +40,7 @@ from tests.guest.packages import (
     docker_setup_script,
     ensure_docker_root,
 )
-from tests.guest.runner import available, report_with_logs, run_in_guest
+from tests.guest.runner import available, output_section, report_with_logs, run_in_guest
 
 pytestmark = [pytest.mark.guest, pytest.mark.docker]
 
@@ -52,19 +52,6 @@ MOUNT = "/var/lib/cgprocfs"
 # builds on (an imported rootfs has no configuration at all).
 BASE_IMAGE_CONFIG = ("ENV PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin",
                      "ENV LANG=C.UTF-8")  # fmt: skip
-
-
-def section(output: str, name: str) -> str:
-    m = re.search(rf"^=== {name}\n(.*?)(?=^=== |\Z)", output, re.S | re.M)
-    assert m, f"no section {name} in:\n{output}"
-    return m.group(1)
-
-
-def free_total(text: str) -> int:
-    lines = [ln.split() for ln in text.splitlines()]
-    header = next(ln for ln in lines if ln and ln[0] == "total")
-    mem = next(ln for ln in lines if ln and ln[0] == "Mem:")
-    return int(dict(zip(header, mem[1:], strict=False))["total"])
 
 
 def daemonset_pod() -> dict[str, Any]:
@@ -230,29 +217,29 @@ echo "=== end"
     report = report_with_logs(r)
     assert r.returncode == 0, report
     print(r.output)  # shown with -s, and by pytest if an assertion below fails
-    print(
-        f"image lane took {r.duration:.0f} s (docker import {section(r.output, 'import').strip()})"
-    )
+    imported = output_section(r.output, "import").strip()
+    print(f"image lane took {r.duration:.0f} s (docker import {imported})")
 
     # 1. Docker / Compose shape.
-    assert section(r.output, "health").strip() == "healthy", report
-    assert "fuse.cgprocfs" in section(r.output, "guest mount"), report
-    assert free_total(section(r.output, "workload docker")) == 268435456, report
-    assert "Transport endpoint is not connected" in section(r.output, "after kill"), report
+    assert output_section(r.output, "health").strip() == "healthy", report
+    assert "fuse.cgprocfs" in output_section(r.output, "guest mount"), report
+    assert parse_free_b(output_section(r.output, "workload docker"))["total"] == 268435456, report
+    assert "Transport endpoint is not connected" in output_section(r.output, "after kill"), report
     # The restarted container detached the dead mount for the guest and mounted again.
-    restarted = section(r.output, "after restart").split()
+    restarted = output_section(r.output, "after restart").split()
     assert "proc" in restarted and restarted[-1] == "1", report
-    assert section(r.output, "stop").split() == ["exit=0", "0"], report  # unmounted
+    assert output_section(r.output, "stop").split() == ["exit=0", "0"], report  # unmounted
     assert r.outdir is not None, report
     log = (r.outdir / "daemon-logs" / "docker-shape.log").read_text()
     assert "stale mount from a crashed run" in log, report  # the daemon's own detach
 
     # 2. Kubernetes shape.
-    assert "probe ok" in section(r.output, "liveness"), report
-    ns = dict(ln.split() for ln in section(r.output, "daemon cgroup ns").splitlines())
+    assert "probe ok" in output_section(r.output, "liveness"), report
+    ns = dict(ln.split() for ln in output_section(r.output, "daemon cgroup ns").splitlines())
     assert ns["daemon"] == ns["guest"], report  # nsenter: the node's cgroup namespace
-    assert free_total(section(r.output, "workload kubernetes")) == 268435456, report
-    assert "Transport endpoint is not connected" in section(r.output, "stale"), report
-    init = section(r.output, "init container")
+    free = parse_free_b(output_section(r.output, "workload kubernetes"))
+    assert free["total"] == 268435456, report
+    assert "Transport endpoint is not connected" in output_section(r.output, "stale"), report
+    init = output_section(r.output, "init container")
     assert "umount -l" in init, report
     assert init.split()[-2:] == ["listable", "0"], report
