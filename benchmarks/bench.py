@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Side-by-side read benchmark: kernel /proc vs LXCFS vs cgprocfs.
 
-Run as root:  /work/main/.venv/bin/python benchmarks/bench.py [options]
+Run as root:  .venv/bin/python benchmarks/bench.py [--quick | --issue5] [options]
 See docs/benchmarks.md for what every column means.
 
-One run = one machine, one set of test cgroups, all targets mounted at the same time and
-measured interleaved (file -> readers -> target), so figures are comparable within a run.
+One run = one machine, one set of container-like test cgroups, all targets mounted at the
+same time and measured interleaved (cgroups -> file -> readers -> target), so figures are
+comparable within a run. Prints figures and ratios only; asserts nothing about timings.
 """
 
 from __future__ import annotations
@@ -13,318 +14,70 @@ from __future__ import annotations
 import argparse
 import array
 import contextlib
-import datetime as dt
-import errno
 import json
 import multiprocessing as mp
 import os
-import platform
-import re
 import select
-import shlex
 import shutil
 import signal
-import subprocess
+import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from multiprocessing import connection as mp_connection
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-ALL_FILES = ("meminfo", "vmstat", "swaps", "stat", "cpuinfo", "uptime", "loadavg")
-ALL_TARGETS = ("kernel", "lxcfs", "cgprocfs")
-READ_BUF = 64 * 1024
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-DEFAULT_CGPROCFS_CMD = f"{REPO}/.venv/bin/cgprocfs serve"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+from benchlib import (
+    ALL_TARGETS,
+    CLK_TCK,
+    READ_BUF,
+    Container,
+    ContainerSet,
+    Stop,
+    Target,
+    check_content,
+    host_memtotal_kb,
+    install_stop_handlers,
+    join,
+    log,
+    loud,
+    require_root,
+    results_dir,
+    run_meta,
+    start_targets,
+)
 
+ALL_FILES = ("meminfo", "vmstat", "stat", "cpuinfo", "uptime", "loadavg", "swaps")
+GRID_FILES = ("meminfo", "vmstat", "stat", "cpuinfo", "uptime", "loadavg")
 
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-def loud(msg: str) -> None:
-    bar = "!" * 78
-    print(f"\n{bar}\n!!! {msg}\n{bar}\n", file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- cgroups
-
-
-def _unescape_mountinfo(s: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
-
-
-def _mountinfo() -> list[tuple[str, str, str, str]]:
-    """(root, mountpoint, fstype, super_options) per mount of this process."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            pre, _, post = line.rstrip("\n").partition(" - ")
-            pf, qf = pre.split(), post.split()
-            out.append((_unescape_mountinfo(pf[3]), _unescape_mountinfo(pf[4]), qf[0], qf[2]))
-    return out
-
-
-def _under(mount_root: str, mountpoint: str, cg_path: str) -> Path | None:
-    """Directory of cgroup `cg_path` (as in /proc/self/cgroup) inside a mount of `mount_root`."""
-    rel = os.path.relpath(cg_path, mount_root)
-    if rel.startswith(".."):
-        return None
-    return Path(mountpoint) / rel if rel != "." else Path(mountpoint)
-
-
-class CgroupSet:
-    """N memory cgroups beneath this process's own memory cgroup (v1 or v2)."""
-
-    def __init__(self, count: int, limit_bytes: int) -> None:
-        self.count, self.limit = count, limit_bytes
-        self.version = 0
-        self.own: Path | None = None
-        self.parent: Path | None = None
-        self.children: list[Path] = []
-        self._enabled_in: list[Path] = []  # v2: where we wrote +memory to subtree_control
-        self._detect()
-
-    def _detect(self) -> None:
-        v1_path = v2_path = None
-        with open("/proc/self/cgroup") as f:
-            for line in f:
-                hier, ctrls, path = line.rstrip("\n").split(":", 2)
-                if hier == "0" and ctrls == "":
-                    v2_path = path
-                elif "memory" in ctrls.split(","):
-                    v1_path = path
-        mounts = _mountinfo()
-        if v1_path is not None:
-            for root, mp_, fstype, sopts in mounts:
-                if fstype == "cgroup" and "memory" in sopts.split(","):
-                    d = _under(root, mp_, v1_path)
-                    if d is not None and d.is_dir():
-                        self.version, self.own = 1, d
-                        return
-        if v2_path is not None:
-            for root, mp_, fstype, _ in mounts:
-                if fstype != "cgroup2":
-                    continue
-                d = _under(root, mp_, v2_path)
-                if d is None or not d.is_dir():
-                    continue
-                ctrls = (d / "cgroup.controllers").read_text().split()
-                if "memory" in ctrls:
-                    self.version, self.own = 2, d
-                    return
-        raise SystemExit(
-            "bench: no memory cgroup controller found for this process "
-            "(neither a v1 'memory' hierarchy nor a cgroup2 mount offering 'memory')"
-        )
-
-    def _enable_memory_v2(self, d: Path) -> None:
-        sc = d / "cgroup.subtree_control"
-        if "memory" in sc.read_text().split():
-            return
-        try:
-            sc.write_text("+memory")
-        except OSError as e:
-            if e.errno == errno.EBUSY:
-                raise SystemExit(
-                    f"bench: cannot enable +memory in {sc}: the cgroup has processes of its own "
-                    "(cgroup v2 'no internal processes' rule). Run the benchmark from the root "
-                    "cgroup or from a cgroup whose subtree_control already has 'memory'."
-                ) from e
-            raise
-        self._enabled_in.append(d)
-
-    def create(self) -> None:
-        assert self.own is not None
-        if self.version == 2:
-            self._enable_memory_v2(self.own)
-        self.parent = self.own / f"cgprocfs-bench-{os.getpid()}"
-        self.parent.mkdir()
-        if self.version == 2:
-            self._enable_memory_v2(self.parent)
-        for i in range(self.count):
-            d = self.parent / f"cg{i}"
-            d.mkdir()
-            self.children.append(d)
-            knob = "memory.limit_in_bytes" if self.version == 1 else "memory.max"
-            (d / knob).write_text(str(self.limit))
-
-    def procs_file(self, i: int) -> str:
-        return str(self.children[i % self.count] / "cgroup.procs")
-
-    def remove(self) -> None:
-        for d in [*reversed(self.children), *([self.parent] if self.parent else [])]:
-            for attempt in range(50):
-                try:
-                    if d.exists():
-                        if d == self.parent and self.version == 2 and d in self._enabled_in:
-                            with contextlib.suppress(OSError):
-                                (d / "cgroup.subtree_control").write_text("-memory")
-                        d.rmdir()
-                    break
-                except OSError as e:
-                    if attempt == 49:
-                        loud(f"could not remove cgroup {d}: {e}")
-                    time.sleep(0.1)
-        for d in self._enabled_in:
-            if d != self.parent:
-                with contextlib.suppress(OSError):
-                    (d / "cgroup.subtree_control").write_text("-memory")
-        self.children, self.parent, self._enabled_in = [], None, []
-
-
-# --------------------------------------------------------------------------- targets
-
-
-def _proc_cpu_ticks(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for e in os.listdir("/proc"):
-        if not e.isdigit():
-            continue
-        try:
-            with open(f"/proc/{e}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except OSError:
-            continue
-        children.setdefault(ppid, []).append(int(e))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
-
-
-def _is_mounted(path: str) -> bool:
-    p = os.path.realpath(path)
-    return any(m[1] == p for m in _mountinfo())
-
-
-@dataclass
-class Target:
-    name: str
-    label: str
-    root: str = "/"  # a file is read from <root>/proc/<file>
-    cmd: list[str] | None = None  # daemon command, mountpoint appended; None = no daemon
-    mnt: str | None = None
-    proc: subprocess.Popen[bytes] | None = None
-    logfile: Path | None = None
-    version: str = ""
-    error: str | None = None
-    _log: object = field(default=None, repr=False)
-
-    def path(self, fname: str) -> str:
-        return os.path.join(self.root, "proc", fname)
-
-    def serves(self, fname: str) -> bool:
-        return os.path.isfile(self.path(fname))
-
-    def start(self, workdir: Path, logdir: Path, timeout: float = 30.0) -> None:
-        if self.cmd is None:
-            return
-        self.mnt = tempfile.mkdtemp(prefix=f"{self.name}-mnt-", dir=workdir)
-        self.root = self.mnt
-        self.logfile = logdir / f"{self.name}.log"
-        self._log = open(self.logfile, "wb")  # noqa: SIM115 - closed in stop()
-        argv = [*self.cmd, self.mnt]
-        log(f"starting {self.name}: {shlex.join(argv)}")
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # a Ctrl-C in the terminal must not reach it; we stop it
-        )
-        deadline = time.monotonic() + timeout
-        probe = self.path("meminfo")
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"{self.name} exited with status {self.proc.returncode} before mounting; "
-                    f"see {self.logfile}"
-                )
-            if _is_mounted(self.mnt):
-                try:
-                    with open(probe, "rb") as f:
-                        if f.read():
-                            break
-                except OSError:
-                    pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name}: {probe} not readable after {timeout:.0f} s")
-            time.sleep(0.05)
-        log(f"{self.name} ready (pid {self.proc.pid}) at {self.mnt}")
-
-    def cpu_ticks(self) -> int | None:
-        if self.proc is None:
-            return None
-        total = 0
-        for p in _descendants(self.proc.pid):
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                total += _proc_cpu_ticks(p)
-        return total
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    loud(f"{self.name} (pid {self.proc.pid}) ignored SIGTERM; sending SIGKILL")
-                    self.proc.kill()
-                    self.proc.wait(timeout=10)
-            rc = self.proc.returncode
-            if rc not in (0, -signal.SIGTERM):
-                log(f"{self.name} exited with status {rc} after SIGTERM (log: {self.logfile})")
-            self.proc = None
-        if self.mnt is not None:
-            if _is_mounted(self.mnt):
-                log(f"{self.name}: {self.mnt} still mounted after the daemon exited; umount -l")
-                subprocess.run(["umount", "-l", self.mnt], check=False)
-            with contextlib.suppress(OSError):
-                os.rmdir(self.mnt)
-            self.mnt = None
-        if self._log is not None:
-            self._log.close()  # type: ignore[attr-defined]
-            self._log = None
-
-
-def make_target(name: str, args: argparse.Namespace, files: list[str]) -> Target:
-    if name == "kernel":
-        return Target("kernel", "kernel /proc", version=platform.release())
-    if name == "lxcfs":
-        cmd = [args.lxcfs_bin, "-f"]
-        if "loadavg" in files:
-            cmd.append("-l")  # loadavg is only served with -l (costs a background thread)
-        # own pidfile: never touch /run/lxcfs.pid of a system lxcfs
-        cmd += ["-p", "PIDFILE"]
-        ver = subprocess.run([args.lxcfs_bin, "--version"], capture_output=True, text=True)
-        v = (ver.stdout or ver.stderr).strip().splitlines()
-        return Target("lxcfs", "LXCFS", cmd=cmd, version=v[-1].strip('"') if v else "?")
-    if name == "cgprocfs":
-        rev = subprocess.run(
-            ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        return Target(
-            "cgprocfs",
-            "cgprocfs",
-            cmd=shlex.split(args.cgprocfs_cmd),
-            version=f"git {rev}" if rev else "?",
-        )
-    raise SystemExit(f"bench: unknown target {name!r} (known: {', '.join(ALL_TARGETS)})")
+# preset -> option defaults (explicit options override them)
+PRESETS: dict[str, dict[str, object]] = {
+    "full": {
+        "files": ",".join(GRID_FILES),
+        "readers": "1,8,32",
+        "cgroups": "1,50,200",
+        "duration": 3.0,
+        "rounds": 1,
+    },
+    "quick": {
+        "files": "meminfo,stat",
+        "readers": "1,4",
+        "cgroups": "1,6",
+        "duration": 1.0,
+        "rounds": 1,
+    },
+    "issue5": {
+        "files": ",".join(GRID_FILES),
+        "readers": "1,8,32",
+        "cgroups": "50",
+        "duration": 4.0,
+        "rounds": 2,
+    },
+}
+# What issue #5 asks of cgprocfs/LXCFS (printed next to the ratios; never asserted).
+ISSUE5_MIN_RATIO = {"meminfo": 1.5}
+ISSUE5_DEFAULT_RATIO = 1.0
 
 
 # --------------------------------------------------------------------------- readers
@@ -332,49 +85,59 @@ def make_target(name: str, args: argparse.Namespace, files: list[str]) -> Target
 
 def reader_main(
     idx: int,
-    procs_file: str,
+    share: list[tuple[list[str], int, int]],
+    target: str,
+    fname: str,
     path: str,
     duration: float,
+    rotate_ns: int,
     cap: int,
+    host_kb: int,
     ready_w: int,
     go_r: int,
     unused: list[int],
     results: Connection,
 ) -> None:
-    """One reader process: join cgroup, check read, report ready, wait for go, timed loop.
-
-    Synchronisation is plain pipes (no multiprocessing semaphores, so no /dev/shm needed).
-    """
+    """One reader process. `share` = the cgroups it reads from: (procs files, memory limit,
+    expected CPUs). It joins the first, checks one read, reports ready, waits for go, then
+    loops open -> read to EOF -> close for `duration` s. With more than one cgroup in its
+    share it moves itself to the next one every `rotate_ns`; the move and the check of the
+    first read after it are not timed (excluded from its elapsed time)."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     for fd in unused:  # the parent's ends: without this, go_r would never see EOF
         os.close(fd)
     meta: dict[str, object] = {"idx": idx}
-    lat = array.array("q", bytes(8 * cap))  # preallocated; touched now, not in the loop
+    problems: list[str] = []
+    checks = 0
+    lat = array.array("q", bytes(8 * cap))  # preallocated and touched now, not in the loop
+    cur = 0
     try:
-        with open(procs_file, "w") as f:
-            f.write(str(os.getpid()))
-        with open("/proc/self/cgroup") as f:
-            meta["cgroup"] = f.read()
-        # first read = correctness check (not timed)
+        join(share[0][0])
         fd = os.open(path, os.O_RDONLY)
         chunks = []
-        while True:
-            b = os.read(fd, READ_BUF)
-            if not b:
-                break
+        while b := os.read(fd, READ_BUF):
             chunks.append(b)
         os.close(fd)
-        meta["first"] = b"".join(chunks).decode("utf-8", "replace")
+        text = b"".join(chunks).decode("utf-8", "replace")
+        meta["first"] = text[:4096]
+        p = check_content(target, fname, text, share[0][1], share[0][2], host_kb)
+        checks += 1
+        if p:
+            problems.append(f"reader {idx} cgroup #0: {p}")
     except OSError as e:
         meta["setup_error"] = f"{type(e).__name__}: {e}"
     os.write(ready_w, b"r")  # barrier, part 1: placed in its cgroup and checked
     if os.read(go_r, 1) != b"g":  # barrier, part 2: the parent has sampled daemon CPU
         os._exit(1)  # parent gave up (closed the pipe)
     pc, o, r, c, rd, buf = time.perf_counter_ns, os.open, os.read, os.close, os.O_RDONLY, READ_BUF
-    n = 0
+    n = moves = 0
+    paused = 0
+    rotate = len(share) > 1
+    check_next = False
     start = pc()
     end = start + int(duration * 1e9)
+    next_move = start + rotate_ns if rotate else end + 1
     t0 = start
     if "setup_error" not in meta:
         try:
@@ -382,60 +145,86 @@ def reader_main(
                 t0 = pc()
                 if t0 >= end:
                     break
-                fd = o(path, rd)
-                while r(fd, buf):
-                    pass
-                c(fd)
-                t1 = pc()
+                if t0 >= next_move:
+                    cur = (cur + 1) % len(share)
+                    join(share[cur][0])
+                    moves += 1
+                    check_next = True
+                    t1 = pc()
+                    paused += t1 - t0
+                    next_move = t1 + rotate_ns
+                    continue
+                if check_next:
+                    fd = o(path, rd)
+                    data = b""
+                    while b := r(fd, buf):
+                        data += b
+                    c(fd)
+                    t1 = pc()
+                    check_next = False
+                    p = check_content(
+                        target, fname, data.decode("utf-8", "replace"), share[cur][1],
+                        share[cur][2], host_kb,
+                    )
+                    checks += 1
+                    if p and len(problems) < 5:
+                        problems.append(f"reader {idx} cgroup #{cur}: {p}")
+                    paused += pc() - t1
+                else:
+                    fd = o(path, rd)
+                    while r(fd, buf):
+                        pass
+                    c(fd)
+                    t1 = pc()
                 if n < cap:
                     lat[n] = t1 - t0
                 n += 1
         except OSError as e:
             meta["error"] = f"{type(e).__name__}: {e} (after {n} ops)"
     stop = t0
-    meta.update(ops=n, elapsed_ns=max(stop - start, 1), recorded=min(n, cap))
+    meta.update(
+        ops=n,
+        elapsed_ns=max(stop - start - paused, 1),
+        paused_ns=paused,
+        recorded=min(n, cap),
+        moves=moves,
+        checks=checks,
+        problems=problems,
+    )
     results.send((meta, lat[: min(n, cap)].tobytes()))
     results.close()
 
 
+def shares_for(nreaders: int, cts: list[Container]) -> list[list[tuple[list[str], int, int]]]:
+    """Reader i reads from cgroups j with j % nreaders == i (when there are more cgroups
+    than readers), else from cgroup i % ncgroups: every cgroup is used in every cell."""
+    spec = [(ct.procs_files, ct.memory_limit, ct.expect_cpus) for ct in cts]
+    if len(spec) > nreaders:
+        return [spec[i :: nreaders] for i in range(nreaders)]
+    return [[spec[i % len(spec)]] for i in range(nreaders)]
+
+
 # --------------------------------------------------------------------------- cells
-
-
-def meminfo_total_kb(text: str) -> int | None:
-    m = re.search(r"^MemTotal:\s+(\d+)\s+kB", text, re.M)
-    return int(m.group(1)) if m else None
-
-
-def check_first_read(
-    target: Target, fname: str, meta: dict, expect_kb: int, host_total_kb: int | None
-) -> str:
-    """Return '' when fine, else a short problem description."""
-    if "setup_error" in meta:
-        return f"reader {meta['idx']}: {meta['setup_error']}"
-    text = str(meta.get("first", ""))
-    if not text:
-        return f"reader {meta['idx']}: first read of {target.path(fname)} was empty"
-    if fname != "meminfo":
-        return ""
-    got = meminfo_total_kb(text)
-    want = host_total_kb if target.name == "kernel" else expect_kb
-    if got != want:
-        return f"reader {meta['idx']}: MemTotal {got} kB, expected {want} kB"
-    return ""
 
 
 def run_cell(
     target: Target,
     fname: str,
     nreaders: int,
-    cgs: CgroupSet,
+    cts: list[Container],
     args: argparse.Namespace,
-    host_total_kb: int | None,
+    host_kb: int,
+    rnd: int,
 ) -> dict:
     import numpy as np
 
     ctx = mp.get_context("fork")
-    cap = max(100_000, int(args.duration * 250_000))  # > kernel ops/s per reader, with margin
+    per_reader_max = 250_000 if nreaders <= 2 else max(30_000, 500_000 // nreaders)
+    cap = int(args.duration * per_reader_max) + 10_000
+    shares = shares_for(nreaders, cts)
+    longest = max(len(s) for s in shares)
+    # visit every cgroup of a share at least twice per cell, and at most every rotate_ms
+    rotate_ns = int(min(args.rotate_ms / 1e3, args.duration / (2 * longest)) * 1e9)
     path = target.path(fname)
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()
@@ -445,22 +234,15 @@ def run_cell(
             target=reader_main,
             daemon=True,
             args=(
-                i,
-                cgs.procs_file(i),
-                path,
-                args.duration,
-                cap,
-                ready_w,
-                go_r,
-                [ready_r, go_w],
-                conns[i][1],
+                i, shares[i], target.name, fname, path, args.duration, rotate_ns, cap, host_kb,
+                ready_w, go_r, [ready_r, go_w], conns[i][1],
             ),
         )
         for i in range(nreaders)
     ]
     got: list[tuple[dict, bytes]] = []
     cpu0 = cpu1 = None
-    load0, wall = os.getloadavg()[0], 0.0
+    wall = 0.0
     try:
         for p in procs:
             p.start()
@@ -475,7 +257,6 @@ def run_cell(
             if select.select([ready_r], [], [], 0.2)[0]:
                 ready += len(os.read(ready_r, nreaders))
         cpu0 = target.cpu_ticks()
-        load0 = os.getloadavg()[0]
         os.write(go_w, b"g" * nreaders)
         t_wall0 = time.perf_counter()
         deadline = time.monotonic() + args.duration + 60
@@ -500,7 +281,7 @@ def run_cell(
         for p in procs:
             p.join(timeout=args.duration + 5 if len(got) == nreaders else 2)
             if p.is_alive():
-                p.kill()
+                p.kill()  # our own reader, by its pid
                 p.join(timeout=5)
         for r, _ in conns:
             r.close()
@@ -508,27 +289,31 @@ def run_cell(
     metas = [m for m, _ in got]
     lats = np.concatenate([np.frombuffer(b, dtype=np.int64) for _, b in got]) if got else None
     ops = sum(int(m["ops"]) for m in metas)
+    checks = sum(int(m.get("checks", 0)) for m in metas)
     ops_s = sum(int(m["ops"]) / (int(m["elapsed_ns"]) / 1e9) for m in metas)
-    problems = [check_first_read(target, fname, m, args.expect_kb, host_total_kb) for m in metas]
-    problems = [p for p in problems if p]
-    problems += [f"reader {m['idx']}: {m['error']}" for m in metas if "error" in m]
+    problems: list[str] = []
+    for m in metas:
+        if "setup_error" in m:
+            problems.append(f"reader {m['idx']}: {m['setup_error']}")
+        if "error" in m:
+            problems.append(f"reader {m['idx']}: {m['error']}")
+        problems += list(m.get("problems", []))  # type: ignore[call-overload]
     if len(metas) < nreaders:
         problems.append(f"only {len(metas)}/{nreaders} readers reported")
-    mem_totals = (
-        sorted({meminfo_total_kb(str(m.get("first", ""))) for m in metas} - {None})
-        if fname == "meminfo"
-        else []
-    )
-    cell = {
+    cell: dict[str, object] = {
+        "round": rnd,
         "target": target.name,
         "file": fname,
         "readers": nreaders,
-        "cgroups": cgs.count,
+        "cgroups": len(cts),
         "path": path,
         "ops": ops,
         "ops_per_s": ops_s,
         "wall_s": wall,
-        "per_reader_ops": [int(m["ops"]) for m in sorted(metas, key=lambda m: m["idx"])],
+        "moves": sum(int(m.get("moves", 0)) for m in metas),
+        "checks": checks,
+        "paused_s": sum(int(m.get("paused_ns", 0)) for m in metas) / 1e9,
+        "per_reader_ops": [int(m["ops"]) for m in sorted(metas, key=lambda m: int(m["idx"]))],
         "latencies_recorded": int(lats.size) if lats is not None else 0,
         "p50_us": None,
         "p99_us": None,
@@ -538,248 +323,295 @@ def run_cell(
         "daemon_cpu_s_per_1k": None,
         "check": "ok" if not problems else "MISMATCH",
         "problems": problems,
-        "memtotal_kb_seen": mem_totals,
-        "loadavg1_before": load0,
     }
     if lats is not None and lats.size:
         p50, p99, p999 = np.percentile(lats, [50, 99, 99.9]) / 1e3
-        cell.update(
-            p50_us=float(p50),
-            p99_us=float(p99),
-            p999_us=float(p999),
-            mean_us=float(lats.mean() / 1e3),
-        )
+        cell.update(p50_us=float(p50), p99_us=float(p99), p999_us=float(p999),
+                    mean_us=float(lats.mean() / 1e3))
     if cpu0 is not None and cpu1 is not None:
         cpu_s = (cpu1 - cpu0) / CLK_TCK
         cell["daemon_cpu_s"] = cpu_s
-        cell["daemon_cpu_s_per_1k"] = cpu_s / ops * 1000 if ops else None
+        # the checked reads after moves are requests too
+        cell["daemon_cpu_s_per_1k"] = cpu_s / (ops + checks) * 1000 if ops else None
     if problems:
-        loud(
-            f"CORRECTNESS/ERROR {target.name} {fname} readers={nreaders}: "
-            + "; ".join(problems[:4])
-            + (" ..." if len(problems) > 4 else "")
-        )
+        loud(f"CORRECTNESS/ERROR {target.name} {fname} readers={nreaders} cgroups={len(cts)}: "
+             + "; ".join(problems[:4]) + (" ..." if len(problems) > 4 else ""))
     return cell
 
 
 # --------------------------------------------------------------------------- report
 
+KEY = ("file", "readers", "cgroups")
+
+
+def combine_rounds(cells: list[dict]) -> list[dict]:
+    """One row per (target, file, readers, cgroups): the median over rounds of each figure
+    (a single round is passed through)."""
+    groups: dict[tuple, list[dict]] = {}
+    for c in cells:
+        groups.setdefault((c["target"], *(c[k] for k in KEY)), []).append(c)
+    rows = []
+    for cs in groups.values():
+        row = dict(cs[0])
+        row["rounds"] = len(cs)
+        for k in ("ops_per_s", "p50_us", "p99_us", "p999_us", "mean_us", "daemon_cpu_s_per_1k"):
+            vals = [c[k] for c in cs if c[k] is not None]
+            row[k] = statistics.median(vals) if vals else None
+        row["ops_per_s_rounds"] = [c["ops_per_s"] for c in cs]
+        row["ops"] = sum(c["ops"] for c in cs)
+        row["checks"] = sum(c["checks"] for c in cs)
+        row["problems"] = [p for c in cs for p in c["problems"]]
+        row["check"] = "ok" if not row["problems"] else "MISMATCH"
+        rows.append(row)
+    return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+    by = {(r["target"], *(r[k] for k in KEY)): r for r in rows}
+    for r in rows:
+        k = tuple(r[x] for x in KEY)
+        kern, lx = by.get(("kernel", *k)), by.get(("lxcfs", *k))
+
+        def ratio(a: float | None, b: float | None) -> float | None:
+            return a / b if a and b else None
+
+        r["ratio_vs_lxcfs"] = ratio(r["ops_per_s"], lx["ops_per_s"]) if lx and lx is not r else None
+        r["ratio_vs_kernel"] = (
+            ratio(r["ops_per_s"], kern["ops_per_s"]) if kern and kern is not r else None
+        )
+        r["p99_vs_lxcfs"] = ratio(r["p99_us"], lx["p99_us"]) if lx and lx is not r else None
+
 
 def _f(v: float | None, fmt: str) -> str:
-    return "n/a" if v is None else format(v, fmt)
+    return "—" if v is None else format(v, fmt)
 
 
-def add_ratios(cells: list[dict]) -> None:
-    by = {(c["target"], c["file"], c["readers"]): c for c in cells}
-    for c in cells:
-        k, lx = (
-            by.get(("kernel", c["file"], c["readers"])),
-            by.get(("lxcfs", c["file"], c["readers"])),
-        )
-        c["ratio_vs_lxcfs"] = (
-            c["ops_per_s"] / lx["ops_per_s"] if lx and lx is not c and lx["ops_per_s"] else None
-        )
-        c["ratio_vs_kernel"] = (
-            c["ops_per_s"] / k["ops_per_s"] if k and k is not c and k["ops_per_s"] else None
-        )
-
-
-def markdown_table(cells: list[dict]) -> str:
-    head = (
-        "| target | file | readers | ops/s | p50 µs | p99 µs | p99.9 µs "
-        "| daemon CPU s / 1k ops | ÷ LXCFS | ÷ kernel | check |"
-    )
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for c in cells:
-        lines.append(
-            f"| {c['target']} | {c['file']} | {c['readers']} | {c['ops_per_s']:,.0f} "
-            f"| {_f(c['p50_us'], '.0f')} | {_f(c['p99_us'], '.0f')} | {_f(c['p999_us'], '.0f')} "
-            f"| {_f(c['daemon_cpu_s_per_1k'], '.3f')} "
-            f"| {_f(c['ratio_vs_lxcfs'], '.2f') if c['ratio_vs_lxcfs'] else '—'} "
-            f"| {_f(c['ratio_vs_kernel'], '.3f') if c['ratio_vs_kernel'] else '—'} "
-            f"| {c['check']} |"
-        )
-    return "\n".join(lines)
-
-
-def summary_lines(cells: list[dict]) -> list[str]:
+def markdown_tables(rows: list[dict]) -> list[str]:
     out = []
-    for c in cells:
-        if c["target"] != "cgprocfs":
-            continue
-        parts = []
-        if c["ratio_vs_lxcfs"]:
-            parts.append(f"cgprocfs/LXCFS = {c['ratio_vs_lxcfs']:.2f}")
-        if c["ratio_vs_kernel"]:
-            parts.append(f"cgprocfs/kernel = {c['ratio_vs_kernel']:.3f}")
-        if parts:
-            out.append(f"- {c['file']}, {c['readers']} reader(s): " + ", ".join(parts))
+    for ncg in sorted({r["cgroups"] for r in rows}):
+        out += [f"### Readers spread over {ncg} cgroup{'s' * (ncg != 1)}", ""]
+        head = ("| target | file | readers | ops/s | p50 µs | p99 µs | p99.9 µs "
+                "| daemon CPU s / 1k ops | ops ÷ LXCFS | ops ÷ kernel | p99 ÷ LXCFS | check |")
+        out += [head, "|" + "---|" * (head.count("|") - 1)]
+        for r in rows:
+            if r["cgroups"] != ncg:
+                continue
+            out.append(
+                f"| {r['target']} | {r['file']} | {r['readers']} | {r['ops_per_s']:,.0f} "
+                f"| {_f(r['p50_us'], '.0f')} | {_f(r['p99_us'], '.0f')} "
+                f"| {_f(r['p999_us'], '.0f')} | {_f(r['daemon_cpu_s_per_1k'], '.3f')} "
+                f"| {_f(r['ratio_vs_lxcfs'], '.2f')} | {_f(r['ratio_vs_kernel'], '.3f')} "
+                f"| {_f(r['p99_vs_lxcfs'], '.2f')} | {r['check']} |"
+            )
+        out.append("")
     return out
 
 
-def write_chart(cells: list[dict], out: Path) -> None:
+def ratio_table(rows: list[dict]) -> list[str]:
+    cg = [r for r in rows if r["target"] == "cgprocfs"]
+    if not cg:
+        return []
+    out = [
+        "| file | readers | cgroups | cgprocfs/LXCFS ops/s | issue #5 asks | "
+        "cgprocfs p99 ÷ LXCFS p99 (asks ≤ 1) | cgprocfs/kernel ops/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in cg:
+        asks = ISSUE5_MIN_RATIO.get(r["file"], ISSUE5_DEFAULT_RATIO)
+        out.append(
+            f"| {r['file']} | {r['readers']} | {r['cgroups']} | {_f(r['ratio_vs_lxcfs'], '.2f')} "
+            f"| ≥ {asks:g} | {_f(r['p99_vs_lxcfs'], '.2f')} | {_f(r['ratio_vs_kernel'], '.3f')} |"
+        )
+    return out
+
+
+COLORS = {"kernel": "#7f7f7f", "lxcfs": "#1f77b4", "cgprocfs": "#d62728"}
+
+
+def write_charts(rows: list[dict], out: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = list(dict.fromkeys((c["file"], c["readers"]) for c in cells))
-    targets = list(dict.fromkeys(c["target"] for c in cells))
-    by = {(c["target"], c["file"], c["readers"]): c for c in cells}
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.6 * len(groups) + 4), 4.8))
-    width = 0.8 / max(1, len(targets))
-    colors = {"kernel": "#7f7f7f", "lxcfs": "#1f77b4", "cgprocfs": "#d62728"}
-    for ax, key, title in (
-        (axes[0], "ops_per_s", "throughput, ops/s (log)"),
-        (axes[1], "p50_us", "p50 latency per op, µs (log)"),
-    ):
-        for ti, t in enumerate(targets):
+    written = []
+    targets = [t for t in ALL_TARGETS if any(r["target"] == t for r in rows)]
+    by = {(r["target"], *(r[k] for k in KEY)): r for r in rows}
+    for ncg in sorted({r["cgroups"] for r in rows}):
+        groups = list(dict.fromkeys((r["file"], r["readers"]) for r in rows if r["cgroups"] == ncg))
+        fig, axes = plt.subplots(2, 1, figsize=(max(9, 0.9 * len(groups) + 3), 8.5))
+        width = 0.8 / max(1, len(targets))
+        for ax, key, title in (
+            (axes[0], "ops_per_s", "throughput, ops/s (log scale; higher is better)"),
+            (axes[1], "p99_us", "p99 latency of one op, µs (log scale; lower is better)"),
+        ):
+            for ti, t in enumerate(targets):
+                xs, ys = [], []
+                for gi, (f, n) in enumerate(groups):
+                    r = by.get((t, f, n, ncg))
+                    if r and r.get(key):
+                        xs.append(gi + (ti - (len(targets) - 1) / 2) * width)
+                        ys.append(r[key])
+                bars = ax.bar(xs, ys, width, label=t, color=COLORS.get(t))
+                ax.bar_label(bars, labels=[f"{y:,.0f}" for y in ys], fontsize=6, rotation=90,
+                             padding=2)
+            ax.set_yscale("log")
+            ax.set_xticks(range(len(groups)), [f"{f}\n{n} rdr" for f, n in groups], fontsize=8)
+            ax.set_title(title, fontsize=10)
+            ax.margins(y=0.3)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"open → read to EOF → close; readers spread over {ncg} cgroup(s)")
+        fig.tight_layout()
+        name = f"chart-{ncg}cg.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+    cg = [r for r in rows if r["target"] == "cgprocfs" and r.get("ratio_vs_lxcfs")]
+    if cg:
+        files = list(dict.fromkeys(r["file"] for r in cg))
+        series = list(dict.fromkeys((r["readers"], r["cgroups"]) for r in cg))
+        fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(files) + 3), 4.8))
+        width = 0.8 / max(1, len(series))
+        for si, (n, ncg) in enumerate(series):
             xs, ys = [], []
-            for gi, (f, n) in enumerate(groups):
-                c = by.get((t, f, n))
-                if c and c.get(key):
-                    xs.append(gi + (ti - (len(targets) - 1) / 2) * width)
-                    ys.append(c[key])
-            bars = ax.bar(xs, ys, width, label=t, color=colors.get(t))
-            ax.bar_label(bars, labels=[f"{y:,.0f}" for y in ys], fontsize=7, rotation=90, padding=2)
-        ax.set_yscale("log")
-        ax.set_xticks(range(len(groups)), [f"{f}\n{n} reader{'s' * (n != 1)}" for f, n in groups])
-        ax.set_title(title)
-        ax.margins(y=0.25)
-    axes[0].legend()
-    fig.suptitle("open → read to EOF → close, per op (one run; compare only within it)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+            for fi, f in enumerate(files):
+                r = by.get(("cgprocfs", f, n, ncg))
+                if r and r.get("ratio_vs_lxcfs"):
+                    xs.append(fi + (si - (len(series) - 1) / 2) * width)
+                    ys.append(r["ratio_vs_lxcfs"])
+            bars = ax.bar(xs, ys, width, label=f"{n} readers / {ncg} cgroups")
+            ax.bar_label(bars, labels=[f"{y:.2f}" for y in ys], fontsize=6, rotation=90, padding=2)
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.axhline(1.5, color="black", lw=0.8, ls="--")
+        ax.set_xticks(range(len(files)), files)
+        ax.set_ylabel("cgprocfs ops/s ÷ LXCFS ops/s")
+        ax.set_title("cgprocfs/LXCFS throughput (1.0 = parity; dashed 1.5 = issue #5 meminfo aim)",
+                     fontsize=9)
+        ax.legend(fontsize=7, ncol=3)
+        ax.margins(y=0.2)
+        fig.tight_layout()
+        fig.savefig(out / "ratios.png", dpi=110)
+        plt.close(fig)
+        written.append("ratios.png")
+    return written
 
 
 # --------------------------------------------------------------------------- main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    ap.add_argument(
-        "--files", default="meminfo", help=f"comma list of /proc files, from: {','.join(ALL_FILES)}"
-    )
-    ap.add_argument("--readers", default="1,8", help="comma list of reader-process counts")
-    ap.add_argument(
-        "--cgroups",
-        type=int,
-        default=1,
-        help="readers are spread round-robin over this many test cgroups",
-    )
-    ap.add_argument("--duration", type=float, default=5.0, help="seconds per cell")
-    ap.add_argument(
-        "--targets",
-        default=",".join(ALL_TARGETS),
-        help=f"comma list, from: {','.join(ALL_TARGETS)}",
-    )
-    ap.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="results directory (default benchmarks/results/<timestamp>)",
-    )
-    ap.add_argument(
-        "--limit-mib", type=int, default=300, help="memory limit of every test cgroup, MiB"
-    )
-    ap.add_argument("--lxcfs-bin", default=shutil.which("lxcfs") or "/usr/bin/lxcfs")
-    ap.add_argument(
-        "--cgprocfs-cmd",
-        default=DEFAULT_CGPROCFS_CMD,
-        help="daemon command; the mountpoint is appended",
-    )
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    pre = ap.add_mutually_exclusive_group()
+    pre.add_argument("--quick", dest="preset", action="store_const", const="quick",
+                     help="small grid for smoke tests: " + str(PRESETS["quick"]))
+    pre.add_argument("--issue5", dest="preset", action="store_const", const="issue5",
+                     help="what issue #5's closing note needs: " + str(PRESETS["issue5"]))
+    pre.add_argument("--full", dest="preset", action="store_const", const="full",
+                     help="the default grid: " + str(PRESETS["full"]))
+    ap.add_argument("--files", help=f"comma list, from: {','.join(ALL_FILES)}")
+    ap.add_argument("--readers", help="comma list of reader-process counts")
+    ap.add_argument("--cgroups", help="comma list of cgroup counts readers are spread over")
+    ap.add_argument("--duration", type=float, help="timed seconds per cell")
+    ap.add_argument("--rounds", type=int,
+                    help="repeat the whole grid; rows show the median over rounds")
+    ap.add_argument("--targets", default=",".join(ALL_TARGETS),
+                    help=f"comma list, from: {','.join(ALL_TARGETS)}")
+    ap.add_argument("--out", type=Path, help="results directory "
+                    "(default benchmarks/results/<timestamp>-bench)")
+    ap.add_argument("--base-mib", type=int, default=256,
+                    help="memory limit of test cgroup i is base + i %% 128 MiB")
+    ap.add_argument("--cpus", type=float, default=1.0,
+                    help="CFS quota of every test cgroup, in CPUs (0 = none)")
+    ap.add_argument("--rotate-ms", type=float, default=20.0,
+                    help="a reader with several cgroups moves to its next one this often "
+                    "(or faster, so it visits each twice per cell)")
+    ap.add_argument("--lxcfs-bin", default=None)
+    ap.add_argument("--cgprocfs-rev", default="HEAD",
+                    help="git revision of cgprocfs to run (exported from the repo), "
+                    "or 'worktree' for the working tree")
+    ap.add_argument("--cgprocfs-cmd", default=None,
+                    help="explicit daemon command instead; the mountpoint is appended")
     a = ap.parse_args(argv)
+    a.preset = a.preset or "full"
+    for k, v in PRESETS[a.preset].items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
 
     def csv(s: str) -> list[str]:
         return [x.strip() for x in s.split(",") if x.strip()]
 
     a.files = csv(a.files)
-    bad = [f for f in a.files if f not in ALL_FILES]
-    if bad:
-        ap.error(f"unknown file(s) {bad}; choose from {','.join(ALL_FILES)}")
     a.targets = csv(a.targets)
-    bad = [t for t in a.targets if t not in ALL_TARGETS]
-    if bad:
-        ap.error(f"unknown target(s) {bad}; choose from {','.join(ALL_TARGETS)}")
+    for name, vals, known in (("file", a.files, ALL_FILES), ("target", a.targets, ALL_TARGETS)):
+        bad = [v for v in vals if v not in known]
+        if bad:
+            ap.error(f"unknown {name}(s) {bad}; choose from {','.join(known)}")
     try:
         a.readers = [int(x) for x in csv(a.readers)]
+        a.cgroups = [int(x) for x in csv(a.cgroups)]
     except ValueError:
-        ap.error("--readers must be a comma list of integers")
-    if any(n < 1 for n in a.readers) or a.cgroups < 1 or a.duration <= 0:
-        ap.error("--readers, --cgroups and --duration must be positive")
-    a.expect_kb = a.limit_mib * 1024
+        ap.error("--readers and --cgroups must be comma lists of integers")
+    if min(a.readers + a.cgroups) < 1 or a.duration <= 0 or a.rounds < 1:
+        ap.error("--readers, --cgroups, --duration and --rounds must be positive")
     return a
 
 
-class _Stop(BaseException):
-    pass
+def estimate_s(args: argparse.Namespace) -> float:
+    per_cell = sum(args.duration + 0.8 + 0.03 * n for n in args.readers)
+    targets = len(args.targets)
+    return args.rounds * len(args.cgroups) * len(args.files) * targets * per_cell
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        raise SystemExit("bench: must run as root (creates cgroups, mounts FUSE filesystems)")
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out: Path = args.out or HERE / "results" / stamp
-    out.mkdir(parents=True, exist_ok=True)
-
-    def on_signal(signum: int, _frame: object) -> None:
-        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(s, signal.SIG_IGN)  # one unwind only; cleanup must not be cut short
-        raise _Stop(signum)
-
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(s, on_signal)
-
-    host_total_kb = meminfo_total_kb(Path("/proc/meminfo").read_text())
-    cgs = CgroupSet(args.cgroups, args.limit_mib * 1024 * 1024)
-    log(f"cgroup v{cgs.version}; test cgroups beneath {cgs.own}")
+    require_root("bench")
+    out = results_dir(args.out, "bench")
+    install_stop_handlers()
+    est = estimate_s(args)
+    log(f"preset {args.preset}: files {args.files}, readers {args.readers}, cgroups "
+        f"{args.cgroups}, {args.duration:g} s/cell, {args.rounds} round(s), targets "
+        f"{args.targets}: about {est / 60:.1f} min")
+    host_kb = host_memtotal_kb()
+    cs = ContainerSet("bench", base_mib=args.base_mib, cpus=args.cpus or None)
+    log(f"test cgroups: {cs.describe()}")
     workdir = Path(tempfile.mkdtemp(prefix="cgprocfs-bench-"))
     targets: list[Target] = []
     skipped: list[str] = []
     cells: list[dict] = []
     status = 0
+    t_start = time.monotonic()
     try:
-        cgs.create()
-        for name in args.targets:
-            t = make_target(name, args, args.files)
-            if t.cmd and "PIDFILE" in t.cmd:
-                t.cmd[t.cmd.index("PIDFILE")] = str(workdir / f"{name}.pid")
-            try:
-                t.start(workdir, out)
-                targets.append(t)
-            except (RuntimeError, OSError) as e:
-                t.stop()
-                t.error = str(e)
-                msg = f"target {name} unavailable: {e}"
-                loud(msg)
-                skipped.append(msg)
-        for fname in args.files:
-            for t in targets:
+        cs.setup()
+        all_cts = cs.create_many(max(args.cgroups))
+        targets = start_targets(args.targets, workdir, out, skipped, lxcfs_bin=args.lxcfs_bin,
+                                cgprocfs_cmd=args.cgprocfs_cmd, cgprocfs_rev=args.cgprocfs_rev)
+        for t in targets:
+            for fname in args.files:
                 if not t.serves(fname):
-                    msg = f"{t.name} does not serve /proc/{fname} ({t.path(fname)}): skipped"
+                    msg = f"{t.name} does not serve /proc/{fname}: skipped"
                     log(msg)
                     skipped.append(msg)
-            for n in args.readers:
-                for t in targets:
-                    if not t.serves(fname):
-                        continue
-                    if t.proc is not None and t.proc.poll() is not None:
-                        msg = f"{t.name} died (status {t.proc.returncode}); {fname}/{n} skipped"
-                        loud(msg)
-                        skipped.append(msg)
-                        continue
-                    log(f"cell: {t.name} {fname} readers={n} ({args.duration:g} s)")
-                    c = run_cell(t, fname, n, cgs, args, host_total_kb)
-                    log(
-                        f"  {c['ops_per_s']:,.0f} ops/s, p50 {_f(c['p50_us'], '.0f')} µs, "
-                        f"check {c['check']}"
-                    )
-                    cells.append(c)
-    except _Stop as e:
+        for rnd in range(args.rounds):
+            for ncg in args.cgroups:
+                cts = all_cts[:ncg]
+                for fname in args.files:
+                    for n in args.readers:
+                        for t in targets:
+                            if not t.serves(fname):
+                                continue
+                            if not t.alive():
+                                msg = (f"{t.name} died (status {t.proc.returncode}); "  # type: ignore[union-attr]
+                                       f"{fname}/{n}/{ncg} skipped")
+                                loud(msg)
+                                skipped.append(msg)
+                                continue
+                            c = run_cell(t, fname, n, cts, args, host_kb, rnd)
+                            log(f"round {rnd + 1} {ncg:>3} cg {fname:<8} {n:>2} rdr "
+                                f"{t.name:<8} {c['ops_per_s']:>9,.0f} ops/s  p99 "
+                                f"{_f(c['p99_us'], '.0f'):>6} µs  cpu/1k "
+                                f"{_f(c['daemon_cpu_s_per_1k'], '.3f')}  {c['check']}")
+                            cells.append(c)
+    except Stop as e:
         loud(f"interrupted by signal {e.args[0]}; cleaning up")
         status = 130
     finally:
@@ -788,70 +620,81 @@ def main(argv: list[str] | None = None) -> int:
                 t.stop()
             except Exception as e:  # keep cleaning up
                 loud(f"stopping {t.name}: {e}")
-        cgs.remove()
+        cs.remove_all()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    add_ratios(cells)
-    table = markdown_table(cells)
-    summary = summary_lines(cells)
-    meta = {
-        "started": stamp,
-        "host": platform.node(),
-        "kernel": platform.release(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "cgroup_version": cgs.version,
-        "cgroup_parent": str(cgs.own),
-        "limit_mib": args.limit_mib,
-        "expect_memtotal_kb": args.expect_kb,
+    rows = combine_rounds(cells)
+    add_ratios(rows)
+    daemon_errors = {t.name: t.log_errors() for t in targets}
+    meta = run_meta() | {
+        "preset": args.preset,
+        "cgroup_version": cs.version,
+        "cgroups_layout": cs.describe(),
+        "memory_limit": f"{args.base_mib} + i % 128 MiB",
+        "cpu_quota": args.cpus,
+        "expect_cpus": cs.expect_cpus,
         "files": args.files,
         "readers": args.readers,
         "cgroups": args.cgroups,
         "duration_s": args.duration,
+        "rounds": args.rounds,
+        "rotate_ms": args.rotate_ms,
         "targets": {t.name: {"version": t.version, "cmd": t.cmd} for t in targets},
         "skipped": skipped,
+        "run_s": time.monotonic() - t_start,
         "loadavg_end": os.getloadavg(),
         "interrupted": status != 0,
+        "daemon_log_errors": daemon_errors,
     }
-    mismatches = [c for c in cells if c["check"] != "ok"]
+    problems = [r for r in rows if r["check"] != "ok"]
     md = [
-        f"# cgprocfs benchmark {stamp}",
+        f"# cgprocfs benchmark ({args.preset})",
         "",
-        f"{meta['host']}, kernel {meta['kernel']}, {meta['cpus']} CPUs, cgroup v{cgs.version}, "
-        f"{args.cgroups} test cgroup(s) of {args.limit_mib} MiB, {args.duration:g} s per cell. "
-        "Op = open → read to EOF (64 KiB buffer) → close.",
+        f"{meta['host']}, kernel {meta['kernel']}, {meta['cpus']} CPUs, cgroup v{cs.version}; "
+        f"test cgroups: memory limit {args.base_mib} + i % 128 MiB, CFS quota "
+        f"{args.cpus:g} CPU (views should show {cs.expect_cpus}), cpuset copied from the parent; "
+        f"{args.duration:g} s per cell, {args.rounds} round(s) (median shown), "
+        f"run took {meta['run_s'] / 60:.1f} min. Op = open → read to EOF (64 KiB buffer) → "
+        "close.",
         "",
-        "Targets: " + "; ".join(f"{t.name} ({t.version})" for t in targets),
-        "",
-        table,
+        "Targets: " + "; ".join(f"**{t.name}** {t.version}" for t in targets),
         "",
     ]
-    if summary:
-        md += ["Ratios (ops/s):", "", *summary, ""]
+    if any(r["target"] == "cgprocfs" for r in rows):
+        md += ["## Ratios", "", *ratio_table(rows), ""]
+    md += ["## All cells", "", *markdown_tables(rows)]
     if status:
-        md += ["**Run interrupted by a signal: the table is incomplete.**", ""]
+        md += ["**Run interrupted by a signal: the tables are incomplete.**", ""]
     if skipped:
         md += ["Skipped:", "", *[f"- {s}" for s in skipped], ""]
-    if mismatches:
+    md += [f"Correctness: {sum(r['checks'] for r in rows):,} sampled responses checked "
+           f"(first read and first read after every cgroup move), "
+           f"{sum(len(r['problems']) for r in rows)} problems.", ""]
+    if problems:
         md += ["**Correctness problems:**", ""]
-        md += [
-            f"- {c['target']} {c['file']} {c['readers']}: {p}"
-            for c in mismatches
-            for p in c["problems"]
-        ]
+        md += [f"- {r['target']} {r['file']} {r['readers']} rdr {r['cgroups']} cg: {p}"
+               for r in problems for p in r["problems"][:10]]
         md += [""]
-    md += ["Noise: ±25 % between runs is normal here; compare only figures from one run.", ""]
-    (out / "results.md").write_text("\n".join(md))
-    (out / "results.json").write_text(json.dumps({"meta": meta, "cells": cells}, indent=2))
-    if cells:
+    for name, errs in daemon_errors.items():
+        if errs:
+            md += [f"**{name} logged {len(errs)} error line(s)**, first: `{errs[0][:200]}`", ""]
+    md += ["Noise: ±25 % between runs is normal on this 2-CPU VM; compare only figures from "
+           "one run, prefer the ratios.", ""]
+    charts: list[str] = []
+    if rows:
         try:
-            write_chart(cells, out / "results.png")
+            charts = write_charts(rows, out)
         except Exception as e:
             loud(f"chart failed: {e}")
-    print("\n".join(md[2:]))
-    print(f"results: {out}/results.md, results.json, results.png")
-    if mismatches:
-        loud(f"{len(mismatches)} cell(s) with correctness problems; see results.md")
+    md += [f"Charts: {', '.join(charts)}", ""] if charts else []
+    (out / "results.md").write_text("\n".join(md))
+    (out / "results.json").write_text(
+        json.dumps({"meta": meta, "rows": rows, "cells": cells}, indent=2, default=str)
+    )
+    print("\n".join(md))
+    print(f"results: {out}")
+    if problems:
+        loud(f"{len(problems)} row(s) with correctness problems; see results.md")
     return status
 
 
