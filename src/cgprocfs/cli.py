@@ -1,4 +1,4 @@
-"""Command line: serve, show, run, docker-args."""
+"""Command line: serve, show, run, exec, sysinfo-agent, docker-args."""
 
 from __future__ import annotations
 
@@ -71,7 +71,28 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cpus", type=float, help="CPU quota in CPUs, e.g. 1.5")
     r.add_argument("--cpuset", help="CPUs the command may run on, e.g. 0 or 0-1")
     r.add_argument("--hide-swap", action="store_true", default=None)
+    r.add_argument("--no-sysinfo", action="store_true",
+                   help="leave sysinfo(2) alone (busybox free, getconf _PHYS_PAGES then show "
+                   "the host)")
     r.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+
+    a = sub.add_parser("sysinfo-agent",
+                       help="answer sysinfo(2) of attached containers (seccomp notify)")
+    a.add_argument("--socket", default=None,
+                   help="unix socket taking seccomp listeners (OCI listenerPath); "
+                   "default: from the configuration (/run/cgprocfs/seccomp.sock)")
+    a.add_argument("--hide-swap", action="store_true", default=None)
+    a.add_argument("--no-cpu-quota", dest="cpu_quota", action="store_false", default=None)
+    a.add_argument("--values-max-age", type=float, default=None,
+                   help="seconds one container's figures may be reused (default 0.05; "
+                   "0: a fresh snapshot for every call)")
+
+    e = sub.add_parser("exec", help="attach this process to the sysinfo agent, then exec CMD")
+    e.add_argument("--socket", default=None, help="the agent's socket (as sysinfo-agent)")
+    e.add_argument("--require", action="store_true",
+                   help="fail (exit 125) instead of running CMD unattached when no agent "
+                   "answers")
+    e.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
 
     d = sub.add_parser("docker-args", help="print the docker run -v flags for the views")
     d.add_argument("--mountpoint", default=DEFAULT_MOUNTPOINT)
@@ -86,6 +107,7 @@ def _config(args: argparse.Namespace) -> Config:
         "mountpoint": getattr(args, "mountpoint", None),
         "hide_swap": getattr(args, "hide_swap", None),
         "cpu_quota": getattr(args, "cpu_quota", None),
+        "sysinfo_socket": getattr(args, "socket", None),
         "log_level": args.log_level,
     }
     cfg = load_config(args.config, overrides=overrides)
@@ -115,8 +137,7 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
         from cgprocfs.serve import ServeOptions, StartupError, serve
 
         try:
-            return serve(ServeOptions(cfg, debug_fuse=args.debug_fuse,
-                                      reload=lambda: _config(args)))
+            return serve(ServeOptions(cfg, debug_fuse=args.debug_fuse))
         except StartupError as exc:
             print(f"cgprocfs: {exc}", file=sys.stderr)
             return 1
@@ -140,6 +161,14 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
         return _show(args, cfg)
     if args.command == "run":
         return _run(args, cfg)
+    if args.command == "sysinfo-agent":
+        from cgprocfs.sysinfo.cli import agent
+
+        return agent(cfg, args.values_max_age)
+    if args.command == "exec":
+        from cgprocfs.sysinfo.cli import exec_attached
+
+        return exec_attached(args.cmd, cfg.sysinfo_socket, args.require)
     if args.command == "docker-args":
         mp = args.mountpoint.rstrip("/")
         views = tuple(v for v in available_views() if args.all or v.runc_bindable)
@@ -184,7 +213,8 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
         swap = parse_size(args.memory_swap) if args.memory_swap else None
         serve_args = ["--hide-swap"] if cfg.hide_swap else []
         limits = Limits(memory, swap, args.cpus, args.cpuset)
-        return run(cmd, limits, serve_args)
+        return run(cmd, limits, serve_args,
+                   None if args.no_sysinfo else cfg.sysinfo_socket)
     except (RunError, ValueError) as exc:
         print(f"cgprocfs run: {exc}", file=sys.stderr)
         return 125

@@ -8,10 +8,11 @@
     log_level = "info"
     limits_max_age = 1.0       # seconds a cgroup's limits may be served from memory
     host_max_age = 0.05        # seconds the host's meminfo may be old when used as a cap
+    sysinfo_socket = "/run/cgprocfs/seccomp.sock"  # where the sysinfo agent takes listeners
 
 Environment: CGPROCFS_CONFIG (the file), CGPROCFS_MOUNTPOINT, CGPROCFS_VIEWS (comma list or
 "all"), CGPROCFS_HIDE_SWAP, CGPROCFS_CPU_QUOTA (1/0, true/false), CGPROCFS_LOG_LEVEL,
-CGPROCFS_LIMITS_MAX_AGE, CGPROCFS_HOST_MAX_AGE.
+CGPROCFS_LIMITS_MAX_AGE, CGPROCFS_HOST_MAX_AGE, CGPROCFS_SYSINFO_SOCKET.
 """
 
 from __future__ import annotations
@@ -39,10 +40,14 @@ class Config:
     log_level: str = "info"
     limits_max_age: float = 1.0
     host_max_age: float = 0.05
+    sysinfo_socket: str = "/run/cgprocfs/seccomp.sock"
 
     def check(self, known_views: tuple[str, ...]) -> None:
         if not os.path.isabs(self.mountpoint):
             raise ConfigError(f"mountpoint must be an absolute path, not {self.mountpoint!r}")
+        if not os.path.isabs(self.sysinfo_socket):
+            raise ConfigError("sysinfo_socket must be an absolute path, "
+                              f"not {self.sysinfo_socket!r}")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, "
                               f"not {self.log_level!r}")

@@ -4,6 +4,10 @@ The command runs in a private mount namespace where each served view is bind-mou
 over the file it replaces; the cgroup is created beneath the caller's own cgroup (v1) or
 beside it (v2, whose no-internal-processes rule forbids a child of a populated leaf), and
 removed afterwards, together with a private daemon if none was serving.
+
+The command is also attached to the sysinfo agent (docs/sysinfo.md): between fork and
+exec the child installs the sysinfo seccomp filter and hands its listener to the agent at
+the configured socket, or to a private agent started for this run when none answers.
 """
 
 from __future__ import annotations
@@ -262,9 +266,50 @@ class PrivateDaemon:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _enter(procs_files: list[str], binds: list[tuple[str, str]]) -> None:
+class PrivateAgent:
+    """A `cgprocfs sysinfo-agent` on a temporary socket, for the life of one `run`."""
+
+    def __init__(self, directory: str) -> None:
+        self.socket_path = os.path.join(directory, "seccomp.sock")
+        self.log_path = os.path.join(directory, "sysinfo-agent.log")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, extra_args: Sequence[str] = ()) -> None:
+        from cgprocfs.sysinfo.oci import reachable
+
+        with open(self.log_path, "wb") as logf:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "cgprocfs", "sysinfo-agent", "--socket",
+                 self.socket_path, *extra_args],
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if reachable(self.socket_path):
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        with open(self.log_path, errors="replace") as f:
+            tail = f.read()[-2000:]
+        self.stop()
+        raise RunError(f"the private sysinfo agent did not come up:\n{tail}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _enter(procs_files: list[str], binds: list[tuple[str, str]],
+           sysinfo_socket: str | None = None) -> None:
     """In the child, between fork and exec: join the cgroups, get a private mount
-    namespace, bind the views over the files they replace."""
+    namespace, bind the views over the files they replace, attach to the sysinfo agent."""
     for procs_file in procs_files:
         _write(procs_file, str(os.getpid()))
     lib = libc()
@@ -274,9 +319,39 @@ def _enter(procs_files: list[str], binds: list[tuple[str, str]]) -> None:
         if os.path.exists(target):
             _check(lib.mount(source.encode(), target.encode(), None, MS_BIND, None),
                    f"bind {source} over {target}")
+    if sysinfo_socket is not None:
+        from cgprocfs.sysinfo.cli import attach
+
+        attach(sysinfo_socket, f"run-{os.getppid()}")
 
 
-def run(cmd: Sequence[str], limits: Limits, serve_args: Sequence[str] = ()) -> int:
+def _sysinfo_agent(socket_path: str | None, agent_args: Sequence[str]) -> tuple[
+        str | None, PrivateAgent | None, str | None]:
+    """(socket to attach to, private agent started, its directory): the configured agent
+    if it answers, else a private one; (None, None, None) when sysinfo is left alone."""
+    from cgprocfs.sysinfo.oci import reachable
+
+    if socket_path is None:
+        return None, None, None
+    if reachable(socket_path) and not agent_args:
+        return socket_path, None, None
+    base = "/run/cgprocfs" if os.path.isdir("/run") else None
+    if base:
+        os.makedirs(base, exist_ok=True)
+    directory = tempfile.mkdtemp(prefix="agent-", dir=base)
+    agent = PrivateAgent(directory)
+    try:
+        agent.start(agent_args)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return agent.socket_path, agent, directory
+
+
+def run(cmd: Sequence[str], limits: Limits, serve_args: Sequence[str] = (),
+        sysinfo_socket: str | None = None) -> int:
+    """Run `cmd`; with `sysinfo_socket`, attach it to the sysinfo agent there (or to a
+    private one when none answers)."""
     if os.geteuid() != 0:
         raise RunError("cgprocfs run must run as root (it creates cgroups and mounts)")
     if not cmd:
@@ -291,13 +366,18 @@ def run(cmd: Sequence[str], limits: Limits, serve_args: Sequence[str] = ()) -> i
         daemon.start(serve_args)
         mountpoint = daemon.mountpoint
     cg: TransientCgroup | None = None
+    agent: PrivateAgent | None = None
+    agent_dir: str | None = None
     try:
+        # The agent takes the same rendering options as the daemon (--hide-swap).
+        attach_to, agent, agent_dir = _sysinfo_agent(sysinfo_socket, serve_args)
         cg = TransientCgroup.create(layout, limits)
         binds = [(os.path.join(mountpoint, src), dst)
                  for src, dst in bind_targets(available_views())]
         procs_files = cg.procs_files()
         try:
-            child = subprocess.Popen(list(cmd), preexec_fn=lambda: _enter(procs_files, binds))
+            child = subprocess.Popen(list(cmd),
+                                     preexec_fn=lambda: _enter(procs_files, binds, attach_to))
         except FileNotFoundError:
             print(f"cgprocfs run: command not found: {cmd[0]}", file=sys.stderr)
             return 127
@@ -319,5 +399,9 @@ def run(cmd: Sequence[str], limits: Limits, serve_args: Sequence[str] = ()) -> i
     finally:
         if cg is not None:
             cg.destroy()
+        if agent is not None:
+            agent.stop()
+        if agent_dir is not None:
+            shutil.rmtree(agent_dir, ignore_errors=True)
         if daemon is not None:
             daemon.stop()

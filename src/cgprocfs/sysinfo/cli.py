@@ -1,0 +1,67 @@
+"""`cgprocfs sysinfo-agent` and `cgprocfs exec`."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+from cgprocfs.config import Config
+
+
+def agent(cfg: Config, max_age: float | None = None) -> int:
+    from cgprocfs.cgroups import load_layout
+    from cgprocfs.resolve import Resolver
+    from cgprocfs.snapshot import RenderOptions
+    from cgprocfs.sysinfo.agent import serve
+    from cgprocfs.sysinfo.values import VALUES_MAX_AGE, SysinfoSource
+
+    resolver = Resolver(load_layout(), use_quota=cfg.cpu_quota)
+    source = SysinfoSource(resolver, RenderOptions(cfg.hide_swap),
+                           VALUES_MAX_AGE if max_age is None else max_age)
+    return serve(cfg.sysinfo_socket, source)
+
+
+def attach(socket_path: str, container_id: str = "") -> None:
+    """Put this process under the sysinfo filter and hand its listener to the agent.
+    Raises OSError (nothing installed when the agent cannot be reached)."""
+    from cgprocfs.sysinfo import oci
+    from cgprocfs.sysinfo.seccomp import install_listener_filter
+
+    if not oci.reachable(socket_path):
+        raise ConnectionError(f"no sysinfo agent at {socket_path}")
+    fd = install_listener_filter()
+    try:
+        oci.send_listener(socket_path, fd, container_id or f"exec-{os.getpid()}",
+                          os.getpid())
+    finally:
+        os.close(fd)
+
+
+def exec_attached(cmd: Sequence[str], socket_path: str, require: bool) -> int:
+    cmd = list(cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        print("cgprocfs exec: no command given (cgprocfs exec -- CMD ...)", file=sys.stderr)
+        return 125
+    try:
+        attach(socket_path)
+    except ConnectionError as exc:
+        if require:
+            print(f"cgprocfs exec: {exc}", file=sys.stderr)
+            return 125
+        print(f"cgprocfs exec: {exc}; sysinfo(2) will show the host", file=sys.stderr)
+    except OSError as exc:
+        # The filter may be in place with nobody answering: running CMD would give it
+        # ENOSYS from sysinfo, which is worse than not starting.
+        print(f"cgprocfs exec: attaching to the sysinfo agent: {exc}", file=sys.stderr)
+        return 125
+    try:
+        os.execvp(cmd[0], cmd)
+    except FileNotFoundError:
+        print(f"cgprocfs exec: command not found: {cmd[0]}", file=sys.stderr)
+        return 127
+    except PermissionError:
+        print(f"cgprocfs exec: permission denied: {cmd[0]}", file=sys.stderr)
+        return 126
