@@ -78,3 +78,67 @@ grep MemTotal /proc/meminfo
     unlimited = parse_free_b(output_section(r.output, "unlimited"))
     assert unlimited["total"] == guest_total_kb * 1024, report
     print(f"docker lane took {r.duration:.0f} s")
+
+
+def test_docker_sysinfo_through_the_seccomp_profile(tmp_path: Path) -> None:
+    """docker/seccomp-sysinfo.json (Docker's default profile + a notify rule for sysinfo)
+    hands each container's listener to the sysinfo agent: busybox free, which asks
+    sysinfo(2), shows the 256 MiB limit and agrees with procps free. Debian's Docker 20.10
+    drops the profile's listenerPath, so the container runs with the cgprocfs runtime shim
+    (which restores it) there; Docker >= 23 needs no shim."""
+    reason = available()
+    if reason:
+        pytest.skip(reason)
+    docker_root = ensure_docker_root()
+    tarball = build_tiny_image_tarball()
+    img = TINY_IMAGE_NAME
+    repo = Path(__file__).resolve().parents[2]
+    script = (
+        "set -e\n. tests/guest/prepare_v2.sh\n"
+        f"""
+mkdir -p /etc/docker
+printf '#!/bin/sh\\nexec {repo}/.venv/bin/python -m cgprocfs.sysinfo.shim "$@"\\n' \\
+    > /run/cgprocfs-runc
+chmod +x /run/cgprocfs-runc
+echo '{{"runtimes": {{"cgprocfs": {{"path": "/run/cgprocfs-runc"}}}}}}' \\
+    > /etc/docker/daemon.json
+"""
+        + docker_setup_script(docker_root)
+        + docker_import_script(tarball)
+        + f"""
+.venv/bin/cgprocfs serve /var/lib/cgprocfs >"$CGPROCFS_TEST_LOGDIR/daemon-sysinfo.log" 2>&1 &
+.venv/bin/cgprocfs --log-level debug sysinfo-agent \\
+    >"$CGPROCFS_TEST_LOGDIR/sysinfo-agent.log" 2>&1 &
+for _ in $(seq 100); do
+    [ -e /var/lib/cgprocfs/proc/meminfo ] && [ -S /run/cgprocfs/seccomp.sock ] && break
+    sleep 0.1
+done
+VERSION=$(docker version --format '{{{{.Server.Version}}}}')
+echo "=== version"; echo "$VERSION"
+RUNTIME=""
+[ "${{VERSION%%.*}}" -lt 23 ] && RUNTIME="--runtime cgprocfs"
+echo "=== attached"
+docker run --rm --network none -m 256m --memory-swap 256m $RUNTIME \\
+    --security-opt seccomp=docker/seccomp-sysinfo.json \\
+    -v /var/lib/cgprocfs/proc/meminfo:/proc/meminfo:ro {img} \\
+    sh -c 'busybox free -b >/dev/null; /usr/bin/free -b >/dev/null
+           busybox free -b; echo ---; /usr/bin/free -b'
+echo "=== default"
+docker run --rm --network none -m 256m {img} busybox free -b
+echo "=== agent"
+cat "$CGPROCFS_TEST_LOGDIR/sysinfo-agent.log"
+"""
+    )
+    r = run_in_guest(script, timeout=400, out_parent=tmp_path)
+    report = report_with_logs(r)
+    assert r.returncode == 0, report
+    bb_text, pp_text = output_section(r.output, "attached").split("---\n")
+    bb, pp = parse_free_b(bb_text), parse_free_b(pp_text)
+    assert bb["total"] == 268435456 == pp["total"], report
+    for col in ("used", "free", "buff/cache", "available"):
+        assert abs(bb[col] - pp[col]) <= 2 << 20, (col, report)
+    # Without the profile, busybox free sees the guest's memory.
+    assert parse_free_b(output_section(r.output, "default"))["total"] != 268435456, report
+    assert "listener sysinfo.listener." in output_section(r.output, "agent"), report
+    print(f"docker {output_section(r.output, 'version').strip()}: sysinfo lane took "
+          f"{r.duration:.0f} s")
