@@ -10,6 +10,7 @@ ROOT=$PWD
 DEB_PACKAGES=(
   python3 python3-venv python3-dev gcc pkg-config libfuse3-dev fuse3
   procps busybox htop sysstat lxcfs user-mode-linux strace tmux util-linux
+  runc gcc-multilib
 )
 
 need_root() {
