@@ -156,8 +156,11 @@ def test_32bit_static_caller_gets_its_layout(root_fuse: None, tmp_path: Path) ->
     exe = build_caller(tmp_path, m32=True)
     if isinstance(exe, str):
         pytest.skip(exe)
-    host = subprocess.run([str(exe)], capture_output=True, text=True)
-    if host.returncode != 0 and "Exec format error" in host.stderr + str(host.returncode):
+    try:
+        host = subprocess.run([str(exe)], capture_output=True, text=True)
+    except OSError as exc:
+        if exc.errno != errno.ENOEXEC:
+            raise
         pytest.skip("this kernel cannot run 32-bit binaries (no IA32 emulation)")
     assert host.returncode == 0, host.stderr
     native = parse_fields(host.stdout)
@@ -260,7 +263,7 @@ def test_agent_restarts_leave_callers_waiting_not_failing(root_fuse: None) -> No
         result = json.loads(out)
         print(f"calls {result['calls']}, longest call {result['gap'] * 1000:.0f} ms")
         assert agent.agent_pid()[1] == 4, agent.log()
-        assert result["errors"] == {}, (result, errno.ENOSYS)
+        assert result["errors"] == {}, result  # no ENOSYS (38), no other error
         assert result["wrong"] == [], result
         assert result["calls"] > 100, result
         # A new listener after the restarts is served too.
