@@ -5,12 +5,14 @@ else is the host's own, read through. `online`, `possible` and `present` are vie
 served by the FUSE layer itself.
 
 What a name means depends on who asks, so the FUSE layer gives these entries no entry
-cache; the host paths behind them get inode numbers of their own, stable for the
-daemon's life.
+cache; the host paths behind them get inode numbers derived from the path, the same in
+every worker process and every daemon generation (a worker asked about an inode it has
+not seen yet finds its path by walking the host directory once).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -19,29 +21,46 @@ _CPU = re.compile(r"cpu(\d+)")
 # Listing and reading sysfs is cheap but not free: a directory has at most this many
 # entries and a file at most this many bytes through the mirror.
 MAX_FILE = 1 << 20
+# Mirror inodes: 2^32 + a 48-bit hash of the host path (tree inodes stay below 2^31).
+INODE_BASE = 1 << 32
 
 
 class CpuDir:
     def __init__(self, host_dir: str, visible: Callable[[int], Sequence[int] | None],
-                 static_names: Sequence[str], first_inode: int) -> None:
+                 static_names: Sequence[str]) -> None:
         self.host_dir = host_dir.rstrip("/")
         self.visible = visible
         self.static = set(static_names)
-        self._next = first_inode
         self._inodes: dict[str, int] = {}
         self._paths: dict[int, str] = {}
 
     def inode_of(self, path: str) -> int:
         inode = self._inodes.get(path)
         if inode is None:
-            inode = self._next
-            self._next += 1
+            digest = hashlib.blake2b(path.encode(), digest_size=6).digest()
+            inode = INODE_BASE + int.from_bytes(digest, "little")
+            if len(self._inodes) > 200_000:  # hotplug churn: start over, it is a cache
+                self._inodes.clear()
+                self._paths.clear()
             self._inodes[path] = inode
             self._paths[inode] = path
         return inode
 
     def path_of(self, inode: int) -> str | None:
-        return self._paths.get(inode)
+        if inode < INODE_BASE:
+            return None
+        path = self._paths.get(inode)
+        if path is None:
+            self._walk()
+            path = self._paths.get(inode)
+        return path
+
+    def _walk(self) -> None:
+        """Learn every host path under the directory (the kernel may ask this worker
+        about an inode another worker, or an earlier generation, handed out)."""
+        for root, dirs, files in os.walk(self.host_dir):
+            for name in dirs + files:
+                self.inode_of(f"{root}/{name}")
 
     def top_entry(self, name: str, pid: int) -> str | None:
         """The host path behind `name` directly under the cpu directory, for `pid`."""

@@ -1,36 +1,32 @@
-"""The FUSE layer: a static read-only tree of views, rendered once per open.
+"""The tree cgprocfs serves, answered at the FUSE protocol level.
 
-It knows nothing about memory or CPUs: it maps an inode to a View, asks the Renderer
-what the opening pid sees, keeps those bytes for the file handle and serves slices.
-Every handler is wrapped so that nothing but FUSEError ever escapes: any other exception
-would end pyfuse3.main() and take /proc away from every container.
+It knows nothing about memory or CPUs: it maps an inode to a View, asks the Renderer what
+the calling pid sees and keeps those bytes in the shared arena, where any worker (of any
+generation) can serve the READs of that open. Inode numbers are derived from paths, so
+they are the same in every worker and after every restart.
+
+Every handler returns the reply's payload or raises FsError; the worker turns anything
+else into EIO, so no request can take the daemon down.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
+import hashlib
 import json
-import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ParamSpec, TypeVar
-
-import pyfuse3
 
 from cgprocfs import __version__
 from cgprocfs.cpudir import CpuDir
+from cgprocfs.fuse import abi
+from cgprocfs.fuse.arena import Arena
 from cgprocfs.views import Renderer, View
 
-log = logging.getLogger(__name__)
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-ROOT_INODE: int = pyfuse3.ROOT_INODE
+ROOT_INODE = 1
 # A file at the mount's root that says who serves it and how it is going (`cgprocfs status`).
 STATUS_NAME = b".cgprocfs-status"
 # The tree never changes while mounted: let the kernel cache names and attributes.
@@ -38,27 +34,18 @@ CACHE_TIMEOUT = 3600.0
 # The host's sysfs behind the cpu directory can change (hotplug): cache it briefly.
 MIRROR_TIMEOUT = 1.0
 CPU_DIR = "sys/devices/system/cpu"
-MIRROR_FIRST_INODE = 1 << 32
-DIR_FH_BASE = 1 << 40  # directory handles of listings fixed at opendir
+DT_DIR, DT_REG, DT_LNK = 4, 8, 10
 
 
-def guarded(
-    handler: Callable[P, Coroutine[Any, Any, R]],
-) -> Callable[P, Coroutine[Any, Any, R]]:
-    @functools.wraps(handler)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await handler(*args, **kwargs)
-        except pyfuse3.FUSEError:
-            raise
-        except Exception:
-            log.exception("%s failed; answering EIO", handler.__name__)
-            ops = args[0]
-            if isinstance(ops, ViewsFS):
-                ops.stats.errors += 1
-            raise pyfuse3.FUSEError(errno.EIO) from None
+class FsError(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(os.strerror(code))
+        self.errno = code
 
-    return wrapper
+
+def path_inode(path: str, bits: int, base: int) -> int:
+    digest = hashlib.blake2b(path.encode(), digest_size=8).digest()
+    return base + (int.from_bytes(digest, "little") & ((1 << bits) - 1))
 
 
 @dataclass
@@ -66,304 +53,330 @@ class Node:
     inode: int
     name: bytes
     parent: int
+    path: str
     view: View | None = None  # None for directories (and the status file)
     children: dict[bytes, int] = field(default_factory=dict)
     status: bool = False
 
-
-@dataclass
-class Handle:
-    """An open file: the bytes rendered at open, and who they were rendered for."""
-
-    view: View | None  # None: the status file
-    pid: int
-    caller: str
-    data: bytes
-    read: bool = False
-
-
-@dataclass
-class Stats:
-    opens: int = 0
-    errors: int = 0
+    @property
+    def is_dir(self) -> bool:
+        return self.view is None and not self.status
 
 
 def build_tree(views: Sequence[View]) -> dict[int, Node]:
-    """Inode numbers follow the order of `views`, so they are stable across restarts."""
-    nodes = {ROOT_INODE: Node(ROOT_INODE, b"", ROOT_INODE)}
-    next_inode = ROOT_INODE + 1
+    """Inodes are hashes of paths (2 .. 2^31): the same whatever views a generation
+    serves, so the kernel's cached inodes stay meaningful across restarts."""
+    nodes = {ROOT_INODE: Node(ROOT_INODE, b"", ROOT_INODE, "")}
+
+    def add(parent: Node, name: bytes, path: str, **kw: object) -> Node:
+        inode = path_inode(path, 31, 2)
+        while inode in nodes:  # a collision among a few dozen paths: probe
+            inode += 1
+        node = Node(inode, name, parent.inode, path, **kw)  # type: ignore[arg-type]
+        nodes[inode] = node
+        parent.children[name] = inode
+        return node
+
     for view in views:
         parent = nodes[ROOT_INODE]
         parts = view.path.split("/")
         for i, part in enumerate(parts):
             name = part.encode()
-            last = i == len(parts) - 1
             inode = parent.children.get(name)
             if inode is None:
-                inode = next_inode
-                next_inode += 1
-                nodes[inode] = Node(inode, name, parent.inode, view if last else None)
-                parent.children[name] = inode
-            parent = nodes[inode]
-    nodes[next_inode] = Node(next_inode, STATUS_NAME, ROOT_INODE, status=True)
-    nodes[ROOT_INODE].children[STATUS_NAME] = next_inode
+                last = i == len(parts) - 1
+                parent = add(parent, name, "/".join(parts[: i + 1]),
+                             view=view if last else None)
+            else:
+                parent = nodes[inode]
+    add(nodes[ROOT_INODE], STATUS_NAME, STATUS_NAME.decode(), status=True)
     return nodes
 
 
-class ViewsFS(pyfuse3.Operations):
-    # pyfuse3 calls `flush` only if defined; leaving it out saves one round trip per close.
+@dataclass
+class Counters:
+    opens: int = 0
+    errors: int = 0
 
-    def __init__(self, renderer: Renderer, views: Sequence[View]) -> None:
-        super().__init__()
+
+class ViewsFS:
+    def __init__(self, renderer: Renderer, views: Sequence[View], arena: Arena, seat: int,
+                 started: float | None = None) -> None:
         self.renderer = renderer
+        self.arena = arena
+        self.seat = seat
         self.nodes = build_tree(views)
-        self.handles: dict[int, Handle] = {}
-        self._next_fh = 1
-        self._next_dir_fh = DIR_FH_BASE
-        self.stats = Stats()
-        self.started = time.time()
-        self.cpu_dir_inode, self.cpu_dir = self._mirror(views)
-        self._dirs: dict[int, list[tuple[bytes, pyfuse3.EntryAttributes]]] = {}
-        self._uid = os.getuid()
-        self._gid = os.getgid()
+        self.counters = Counters(*arena.counters(seat)[:2])
+        self.started = started if started is not None else arena.created
+        self._uid, self._gid = os.getuid(), os.getgid()
+        self._attrs = {i: self._node_attr(n) for i, n in self.nodes.items()}
+        self.cpu_dir_inode, self.cpu_dir = self._mirror()
+        self.ops: dict[int, Callable[[int, int, memoryview], bytes]] = {
+            abi.LOOKUP: self.lookup, abi.GETATTR: self.getattr, abi.READLINK: self.readlink,
+            abi.OPEN: self.open, abi.READ: self.read, abi.RELEASE: self.release,
+            abi.OPENDIR: self.opendir, abi.READDIR: self.readdir,
+            abi.RELEASEDIR: self.releasedir, abi.STATFS: self.statfs,
+            abi.ACCESS: self.access, abi.SETATTR: self.setattr, abi.DESTROY: self.destroy,
+        }
 
-    def _mirror(self, views: Sequence[View]) -> tuple[int | None, CpuDir | None]:
-        """The node of sys/devices/system/cpu, if any view lives there, and its mirror."""
+    # ---- attributes ----------------------------------------------------------------
+    def _mirror(self) -> tuple[int | None, CpuDir | None]:
         for node in self.nodes.values():
-            if node.view is not None and node.view.path.startswith(CPU_DIR + "/"):
+            if node.view is not None and node.path.startswith(CPU_DIR + "/"):
                 parent = self.nodes[node.parent]
                 return parent.inode, CpuDir(
                     "/" + CPU_DIR, self.renderer.visible_cpus,
-                    [n.decode() for n in parent.children], MIRROR_FIRST_INODE)
+                    [n.decode() for n in parent.children])
         return None, None
 
-    def _host_attr(self, path: str, entry_timeout: float) -> pyfuse3.EntryAttributes:
-        assert self.cpu_dir is not None
+    def _node_attr(self, node: Node) -> bytes:
+        ns = int(self.started * 1e9)
+        if node.is_dir:
+            mode = stat.S_IFDIR | 0o555
+            nlink = 2 + sum(1 for c in node.children.values() if self.nodes[c].is_dir)
+        else:
+            # Size 0 like the kernel's /proc files; content is served with direct I/O.
+            mode, nlink = stat.S_IFREG | 0o444, 1
+        s, n = divmod(ns, 10**9)
+        return abi.ATTR.pack(node.inode, 0, 0, s, s, s, n, n, n, mode, nlink,
+                             self._uid, self._gid, 0, 4096, 0)
+
+    @staticmethod
+    def _host_attr(inode: int, path: str) -> bytes:
         try:
             st = os.lstat(path)
         except OSError as exc:
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = self.cpu_dir.inode_of(path)
-        a.generation = 0
-        a.entry_timeout = entry_timeout
-        a.attr_timeout = MIRROR_TIMEOUT
-        a.st_mode = st.st_mode & ~0o222  # read-only
-        a.st_nlink = st.st_nlink
-        a.st_size = st.st_size
-        a.st_uid, a.st_gid = st.st_uid, st.st_gid
-        a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
-        a.st_blksize = 4096
-        a.st_blocks = 0
-        return a
+            raise FsError(exc.errno or errno.EIO) from None
+        return abi.ATTR.pack(
+            inode, st.st_size, 0, int(st.st_atime), int(st.st_mtime), int(st.st_ctime),
+            st.st_atime_ns % 10**9, st.st_mtime_ns % 10**9, st.st_ctime_ns % 10**9,
+            st.st_mode & ~0o222, st.st_nlink, st.st_uid, st.st_gid, 0, 4096, 0)
 
-    def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = node.inode
-        a.generation = 0
-        a.entry_timeout = CACHE_TIMEOUT
-        a.attr_timeout = CACHE_TIMEOUT
-        if node.view is None and not node.status:
-            a.st_mode = stat.S_IFDIR | 0o555
-            a.st_nlink = 2 + sum(
-                1 for c in node.children.values()
-                if self.nodes[c].view is None and not self.nodes[c].status
-            )
-        else:
-            # Size 0 like the kernel's /proc files; content is served with direct_io.
-            a.st_mode = stat.S_IFREG | 0o444
-            a.st_nlink = 1
-        a.st_size = 0
-        a.st_uid = self._uid
-        a.st_gid = self._gid
-        ns = int(self.started * 1e9)
-        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = ns
-        a.st_blksize = 4096
-        a.st_blocks = 0
-        return a
+    @staticmethod
+    def _entry(attr: bytes, inode: int, entry_timeout: float, attr_timeout: float) -> bytes:
+        ev, evn = abi.entry_valid_split(entry_timeout)
+        av, avn = abi.entry_valid_split(attr_timeout)
+        return abi.ENTRY_OUT_HEAD.pack(inode, 0, ev, av, evn, avn) + attr
+
+    @staticmethod
+    def _attr_out(attr: bytes, timeout: float) -> bytes:
+        av, avn = abi.entry_valid_split(timeout)
+        return abi.ATTR_OUT_HEAD.pack(av, avn, 0) + attr
 
     def _node(self, inode: int) -> Node:
         node = self.nodes.get(inode)
         if node is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise FsError(errno.ENOENT)
         return node
 
-    @guarded
-    async def lookup(
-        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
-        if self.cpu_dir is not None:
-            host = self.cpu_dir.path_of(parent_inode)
-            if host is not None:  # inside a read-through directory
-                if name in (b".", b"..") or b"/" in name:
-                    raise pyfuse3.FUSEError(errno.ENOENT)
-                return self._host_attr(f"{host}/{name.decode()}", MIRROR_TIMEOUT)
+    def _host_path(self, inode: int) -> str | None:
+        return self.cpu_dir.path_of(inode) if self.cpu_dir is not None else None
+
+    # ---- requests ------------------------------------------------------------------
+    def lookup(self, parent_inode: int, pid: int, body: memoryview) -> bytes:
+        name = bytes(body).split(b"\0", 1)[0]
+        host = self._host_path(parent_inode)
+        if host is not None:  # inside a read-through directory
+            assert self.cpu_dir is not None
+            if name in (b".", b"..") or b"/" in name:
+                raise FsError(errno.ENOENT)
+            path = f"{host}/{name.decode()}"
+            ino = self.cpu_dir.inode_of(path)
+            return self._entry(self._host_attr(ino, path), ino, MIRROR_TIMEOUT,
+                               MIRROR_TIMEOUT)
         parent = self._node(parent_inode)
-        if name == b".":
-            return self._attr(parent)
-        if name == b"..":
-            return self._attr(self._node(parent.parent))
         inode = parent.children.get(name)
         if inode is None:
             if parent_inode == self.cpu_dir_inode and self.cpu_dir is not None:
                 # What cpuN means depends on the caller: no entry cache.
-                path = self.cpu_dir.top_entry(name.decode(errors="replace"), ctx.pid)
-                if path is not None:
-                    return self._host_attr(path, 0)
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._attr(self.nodes[inode])
+                found = self.cpu_dir.top_entry(name.decode(errors="replace"), pid)
+                if found is not None:
+                    ino = self.cpu_dir.inode_of(found)
+                    return self._entry(self._host_attr(ino, found), ino, 0, MIRROR_TIMEOUT)
+            raise FsError(errno.ENOENT)
+        return self._entry(self._attrs[inode], inode, CACHE_TIMEOUT, CACHE_TIMEOUT)
 
-    @guarded
-    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        host = self.cpu_dir.path_of(inode) if self.cpu_dir is not None else None
-        if host is not None:
-            return self._host_attr(host, MIRROR_TIMEOUT)
-        return self._attr(self._node(inode))
-
-    @guarded
-    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        host = self.cpu_dir.path_of(inode) if self.cpu_dir is not None else None
+    def getattr(self, inode: int, pid: int, body: memoryview) -> bytes:
+        attr = self._attrs.get(inode)
+        if attr is not None:
+            return self._attr_out(attr, CACHE_TIMEOUT)
+        host = self._host_path(inode)
         if host is None:
-            raise pyfuse3.FUSEError(errno.EINVAL)
+            raise FsError(errno.ENOENT)
+        return self._attr_out(self._host_attr(inode, host), MIRROR_TIMEOUT)
+
+    def readlink(self, inode: int, pid: int, body: memoryview) -> bytes:
+        host = self._host_path(inode)
+        if host is None:
+            raise FsError(errno.EINVAL)
         try:
             return os.readlink(host).encode()
         except OSError as exc:
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+            raise FsError(exc.errno or errno.EIO) from None
 
-    @guarded
-    async def setattr(
-        self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any
-    ) -> pyfuse3.EntryAttributes:
-        raise pyfuse3.FUSEError(errno.EROFS)
+    def setattr(self, inode: int, pid: int, body: memoryview) -> bytes:
+        raise FsError(errno.EROFS)
 
-    @guarded
-    async def opendir(self, inode: int, ctx: Any) -> int:
-        host = self.cpu_dir.path_of(inode) if self.cpu_dir is not None else None
-        if host is not None or (inode == self.cpu_dir_inode and self.cpu_dir is not None):
-            return self._open_mirror_dir(inode, host, ctx.pid)
-        node = self._node(inode)
-        if node.view is not None or node.status:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return inode
+    def destroy(self, inode: int, pid: int, body: memoryview) -> bytes:
+        return b""
 
-    def _open_mirror_dir(self, inode: int, host: str | None, pid: int) -> int:
-        """A listing fixed at opendir: of a read-through directory, or of the cpu
-        directory as `pid` sees it (its views, then the host's entries)."""
-        assert self.cpu_dir is not None
-        entries: list[tuple[bytes, pyfuse3.EntryAttributes]] = []
+    def access(self, inode: int, pid: int, body: memoryview) -> bytes:
+        (mask,) = abi.ACCESS_IN.unpack_from(body)
+        if mask & os.W_OK:
+            raise FsError(errno.EACCES)
+        return b""
+
+    def statfs(self, inode: int, pid: int, body: memoryview) -> bytes:
+        return abi.STATFS_OUT.pack(0, 0, 0, 0, 0, 4096, 255, 4096)
+
+    def _content(self, inode: int, pid: int) -> bytes:
+        node = self.nodes.get(inode)
+        if node is not None:
+            if node.status:
+                return self.status_document()
+            if node.view is None:
+                raise FsError(errno.EISDIR)
+            self.counters.opens += 1
+            return self.renderer.render_for(node.view, pid).data
+        host = self._host_path(inode)
+        if host is None:
+            raise FsError(errno.ENOENT)
         try:
-            if host is None:
-                node = self.nodes[inode]
-                for child_name, child in sorted(node.children.items()):
-                    entries.append((child_name, self._attr(self.nodes[child])))
-                for shown, path in self.cpu_dir.top_listing(pid):
-                    entries.append((shown.encode(), self._host_attr(path, 0)))
-            else:
-                for entry in sorted(os.listdir(host)):
-                    entries.append((entry.encode(),
-                                    self._host_attr(f"{host}/{entry}", MIRROR_TIMEOUT)))
+            return CpuDir.read(host)
         except OSError as exc:
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-        fh = self._next_dir_fh
-        self._next_dir_fh += 1
-        self._dirs[fh] = entries
-        return fh
+            raise FsError(exc.errno or errno.EIO) from None
 
-    @guarded
-    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        listed = self._dirs.get(fh)
-        if listed is not None:
-            for i, (name, attr) in enumerate(listed[start_id:], start=start_id + 1):
-                if not pyfuse3.readdir_reply(token, name, attr, i):
-                    break
-            return
-        node = self._node(fh)
-        entries = sorted(node.children.items())
-        for i, (name, inode) in enumerate(entries[start_id:], start=start_id + 1):
-            if not pyfuse3.readdir_reply(token, name, self._attr(self.nodes[inode]), i):
-                break
-
-    @guarded
-    async def releasedir(self, fh: int) -> None:
-        self._dirs.pop(fh, None)
-
-    @guarded
-    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+    def open(self, inode: int, pid: int, body: memoryview) -> bytes:
+        flags, _ = abi.OPEN_IN.unpack_from(body)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_CREAT):
-            raise pyfuse3.FUSEError(errno.EACCES)
-        host = self.cpu_dir.path_of(inode) if self.cpu_dir is not None else None
-        if host is not None:
-            try:
-                data = CpuDir.read(host)
-            except OSError as exc:
-                raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-            fh = self._next_fh
-            self._next_fh += 1
-            self.handles[fh] = Handle(None, 0, "", data)
-            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
-        node = self._node(inode)
-        if node.status:
-            return self._open_status()
-        if node.view is None:
-            raise pyfuse3.FUSEError(errno.EISDIR)
-        rendered = self.renderer.render_for(node.view, ctx.pid)
-        fh = self._next_fh
-        self._next_fh += 1
-        self.handles[fh] = Handle(node.view, ctx.pid, rendered.caller, rendered.data)
-        self.stats.opens += 1
-        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+            raise FsError(errno.EACCES)
+        data = self._content(inode, pid)
+        slot = self.arena.allocate(self.seat, len(data))
+        if slot is None:
+            raise FsError(errno.ENFILE)
+        fh = self.arena.store(slot, inode, pid, data)
+        return abi.OPEN_OUT.pack(fh, abi.FOPEN_DIRECT_IO, 0)
 
-    def _open_status(self) -> pyfuse3.FileInfo:
+    def read(self, inode: int, pid: int, body: memoryview) -> bytes:
+        fh, off, size = abi.READ_IN.unpack_from(body)
+        found = self.arena.lookup(fh)
+        if found is None:
+            raise FsError(errno.EBADF)
+        start, length, inode, flags, opener = found
+        if off == 0 and flags and inode in self.nodes and not self.nodes[inode].status \
+                and same_process(pid, opener):
+            # A read from offset 0 on a handle already read is a new look, as with the
+            # kernel's seq_file (top, `free -s` and `vmstat N` keep the file open): the
+            # opening process gets a fresh rendering. A descriptor handed to another
+            # process keeps the bytes rendered at open: it never shows the reader's
+            # numbers as the opener's, nor the opener's container to a reused pid.
+            fresh = self._content(inode, pid)
+            if self.arena.replace(fh, fresh):
+                return fresh[:size]
+        elif not flags:
+            self.arena.mark_read(fh)
+        if off >= length:
+            return b""
+        end = min(length, off + size)
+        return self.arena.mem[start + off : start + end]
+
+    def release(self, inode: int, pid: int, body: memoryview) -> bytes:
+        (fh,) = abi.RELEASE_IN.unpack_from(body)
+        self.arena.free(fh)  # unknown or stale handles: nothing to free
+        return b""
+
+    def opendir(self, inode: int, pid: int, body: memoryview) -> bytes:
+        node = self.nodes.get(inode)
+        if node is None and self._host_path(inode) is None:
+            raise FsError(errno.ENOENT)
+        if node is not None and not node.is_dir:
+            raise FsError(errno.ENOTDIR)
+        return abi.OPEN_OUT.pack(0, 0, 0)
+
+    def releasedir(self, inode: int, pid: int, body: memoryview) -> bytes:
+        return b""
+
+    def _listing(self, inode: int, pid: int) -> list[tuple[bytes, int, int]]:
+        """(name, inode, d_type) of a directory as `pid` sees it. Listings are computed
+        per READDIR (any worker may get the next chunk), in a fixed order."""
+        host = self._host_path(inode)
+        out: list[tuple[bytes, int, int]] = []
+        try:
+            if host is not None:
+                assert self.cpu_dir is not None
+                for entry in sorted(os.listdir(host)):
+                    path = f"{host}/{entry}"
+                    out.append((entry.encode(), self.cpu_dir.inode_of(path), _dtype(path)))
+                return out
+            node = self._node(inode)
+            for name, child in sorted(node.children.items()):
+                out.append((name, child, DT_DIR if self.nodes[child].is_dir else DT_REG))
+            if inode == self.cpu_dir_inode and self.cpu_dir is not None:
+                for shown, path in self.cpu_dir.top_listing(pid):
+                    out.append((shown.encode(), self.cpu_dir.inode_of(path), _dtype(path)))
+        except OSError as exc:
+            raise FsError(exc.errno or errno.EIO) from None
+        return out
+
+    def readdir(self, inode: int, pid: int, body: memoryview) -> bytes:
+        _fh, off, size = abi.READ_IN.unpack_from(body)
+        node = self.nodes.get(inode)
+        parent = node.parent if node is not None else inode
+        entries = [(b".", inode, DT_DIR), (b"..", parent, DT_DIR), *self._listing(inode, pid)]
+        out = bytearray()
+        for i in range(off, len(entries)):
+            name, ino, dtype = entries[i]
+            ent = abi.dirent(ino, i + 1, name, dtype)
+            if len(out) + len(ent) > size:
+                break
+            out += ent
+        return bytes(out)
+
+    # ---- status ----------------------------------------------------------------------
+    def status_document(self) -> bytes:
+        opens, errors, fallbacks = self.arena.totals()
         doc = {
-            "pid": os.getpid(),
+            "pid": os.getppid(),  # the supervisor: the process that holds the mount
+            "worker": os.getpid(),
             "version": __version__,
             "started": self.started,
             "uptime": round(time.time() - self.started, 3),
             "views": [n.view.path for n in self.nodes.values() if n.view is not None],
-            "opens": self.stats.opens,
-            "errors": self.stats.errors,
-            "fallbacks": self.renderer.fallbacks,
-            "open_handles": len(self.handles),
+            "opens": opens,
+            "errors": errors,
+            "fallbacks": fallbacks,
+            "open_handles": self.arena.in_use(),
+            "worker_restarts": self.arena.restarts,
+            "poisoned_requests": self.arena.poisoned,
         }
-        fh = self._next_fh
-        self._next_fh += 1
-        self.handles[fh] = Handle(None, 0, "", (json.dumps(doc, indent=1) + "\n").encode())
-        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+        return (json.dumps(doc, indent=1) + "\n").encode()
 
-    @guarded
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        h = self.handles.get(fh)
-        if h is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
-        if off == 0 and h.read:
-            self._rerender(h)
-        h.read = True
-        return h.data[off : off + size]
 
-    def _rerender(self, h: Handle) -> None:
-        """A read from offset 0 on a handle already read is a new look, as with the
-        kernel's seq_file: top, `free -s` and `vmstat N` keep the file open and re-read
-        it. READ carries no caller, so render again for the pid that opened the file,
-        and keep the new bytes only if that pid is still in the same cgroups (a reused
-        pid of another container must never see its numbers through this handle)."""
-        if not h.caller or h.view is None:
-            return
-        fresh = self.renderer.render_for(h.view, h.pid)
-        if fresh.caller == h.caller:
-            h.data = fresh.data
+def same_process(tid: int, other: int) -> bool:
+    """READ and OPEN name the calling thread; threads of one process count as one."""
+    if tid == other:
+        return True
+    try:
+        return _tgid(tid) == _tgid(other)
+    except (OSError, ValueError):
+        return False
 
-    @guarded
-    async def release(self, fh: int) -> None:
-        self.handles.pop(fh, None)
 
-    @guarded
-    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
-        self._node(inode)
-        return not mode & os.W_OK
+def _tgid(tid: int) -> int:
+    with open(f"/proc/{tid}/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"Tgid:"):
+                return int(line.split()[1])
+    raise ValueError(tid)
 
-    @guarded
-    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
-        s = pyfuse3.StatvfsData()
-        s.f_bsize = s.f_frsize = 4096
-        s.f_namemax = 255
-        return s
+
+def _dtype(path: str) -> int:
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return 0
+    if stat.S_ISDIR(mode):
+        return DT_DIR
+    if stat.S_ISLNK(mode):
+        return DT_LNK
+    return DT_REG

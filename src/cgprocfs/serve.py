@@ -7,17 +7,12 @@ import ctypes.util
 import errno
 import logging
 import os
-import signal
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from cgprocfs.cgroups import load_layout
-from cgprocfs.config import Config, ConfigError
-from cgprocfs.loadavg import SAMPLE_INTERVAL
-from cgprocfs.resolve import Resolver
-from cgprocfs.snapshot import RenderOptions
-from cgprocfs.views import Renderer, View, available_views
+from cgprocfs.config import Config
+from cgprocfs.views import View, available_views
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +29,6 @@ class StartupError(Exception):
 class ServeOptions:
     config: Config
     debug_fuse: bool = False
-    # How to read the configuration again on SIGHUP (same file, environment and flags).
-    reload: Callable[[], Config] | None = None
-
-
-def apply_config(cfg: Config, resolver: Resolver, renderer: Renderer) -> None:
-    """The settings that can change while mounted (SIGHUP)."""
-    renderer.opts = RenderOptions(hide_swap=cfg.hide_swap)
-    resolver.cpu.use_quota = cfg.cpu_quota
-    resolver.limits.max_age = cfg.limits_max_age
-    resolver.host.max_age = cfg.host_max_age
-    logging.getLogger().setLevel(cfg.log_level.upper())
 
 
 def select_views(cfg: Config) -> tuple[View, ...]:
@@ -128,102 +112,85 @@ def check_environment() -> None:
         raise StartupError("no /dev/fuse: load the fuse module (modprobe fuse) or, in a "
                            "container, pass --device /dev/fuse")
     try:
-        fd = os.open("/dev/fuse", os.O_RDWR)
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
         os.close(fd)
     except OSError as exc:
         raise StartupError(f"cannot open /dev/fuse: {exc.strerror}") from exc
 
 
-def reload_config(opts: ServeOptions, running: Config, resolver: Resolver,
-                  renderer: Renderer) -> None:
-    """SIGHUP: read the configuration again and apply what can change while mounted."""
-    sd_notify("RELOADING=1")
-    try:
-        if opts.reload is None:
-            return
-        try:
-            new = opts.reload()
-            new.check(tuple(v.path for v in available_views()))
-        except ConfigError as exc:
-            log.error("SIGHUP: configuration not reloaded: %s", exc)
-            return
-        apply_config(new, resolver, renderer)
-        if (new.mountpoint, new.views) != (running.mountpoint, running.views):
-            log.warning("SIGHUP: mountpoint and views change only with a restart")
-        log.info("SIGHUP: configuration reloaded (hide_swap=%s, cpu_quota=%s, log_level=%s)",
-                 new.hide_swap, new.cpu_quota, new.log_level)
-    finally:
-        sd_notify("READY=1")
+def worker_count() -> int:
+    """Workers serving requests: one per CPU (at least 2, so a dying worker never leaves
+    the mount without one; at most 8)."""
+    env = os.environ.get("CGPROCFS_WORKERS")
+    if env:
+        return max(1, min(32, int(env)))
+    return max(2, min(8, os.cpu_count() or 2))
 
 
 def serve(opts: ServeOptions) -> int:
     cfg = opts.config
+    if os.environ.get("CGPROCFS_CHECK_ONLY"):
+        # The supervisor's check before it re-executes itself (SIGHUP): configuration
+        # valid (we got here) and every module of the installed code imports.
+        import cgprocfs.fuse.loads
+        import cgprocfs.fuse.worker  # noqa: F401
+
+        cfg.check(tuple(v.path for v in available_views()))
+        return 0
     check_environment()
-    try:
-        import pyfuse3
-        import trio
-    except ImportError as exc:
-        raise StartupError(f"libfuse3/pyfuse3 missing ({exc}): install libfuse3 "
-                           "(Debian: apt-get install fuse3 libfuse3-3) and pyfuse3") from exc
-    from cgprocfs.fs import ViewsFS
+    import sys
+
+    from cgprocfs.fuse import supervisor as sv
+    from cgprocfs.fuse.arena import Arena
+    from cgprocfs.fuse.mount import MountError, answer_init, mount_fuse
 
     mountpoint = cfg.mountpoint
-    prepare_mountpoint(mountpoint)
-    layout = load_layout()
-    resolver = Resolver(layout)
-    renderer = Renderer(resolver)
-    apply_config(cfg, resolver, renderer)
     views = select_views(cfg)
-    ops = ViewsFS(renderer, views)
+    workers = worker_count()
+    state = sv.takeover_state()
+    stored = sv.listen_fds()
+    keep_mount = False
+    if state is not None:
+        conn = sv.Connection(int(state["fuse"]), Arena(int(state["arena"])),  # type: ignore[call-overload]
+                             int(state["loads_r"]), int(state["loads_w"]))  # type: ignore[call-overload]
+        log.info("re-executed: taking over %s from the previous image", mountpoint)
+        keep_mount = bool(state.get("keep_mount"))
+    elif all(name in stored for name in sv.FDNAMES):
+        fds = [stored[name] for name in sv.FDNAMES]
+        for fd in fds:
+            os.set_inheritable(fd, True)
+        conn = sv.Connection(fds[0], Arena(fds[1]), fds[2], fds[3])
+        log.info("taking over %s from systemd's descriptor store", mountpoint)
+        keep_mount = True
+    else:
+        prepare_mountpoint(mountpoint)
+        try:
+            fuse_fd = mount_fuse(mountpoint, FSNAME, FSNAME)
+        except (MountError, OSError) as exc:
+            raise StartupError(f"cannot mount {mountpoint}: {exc}") from exc
+        try:
+            minor, flags = answer_init(fuse_fd)
+        except (MountError, OSError) as exc:
+            lazy_unmount(mountpoint)
+            raise StartupError(f"cannot start FUSE on {mountpoint}: {exc}") from exc
+        conn = sv.Connection.create(fuse_fd, 2 * workers + 2)
+        conn.arena.set_init(minor, flags)
+        keep_mount = sv.store_fds(conn)
+        layout = load_layout()
+        log.info("serving %s on %s (%s; kernel FUSE 7.%d; %d workers)",
+                 ", ".join(v.path for v in views), mountpoint, layout.describe(), minor,
+                 workers)
 
-    fuse_options = set(pyfuse3.default_options)
-    fuse_options |= {f"fsname={FSNAME}", f"subtype={FSNAME}", "ro", "allow_other"}
-    if opts.debug_fuse:
-        fuse_options.add("debug")
-    try:
-        pyfuse3.init(ops, mountpoint, fuse_options)
-    except RuntimeError as exc:
-        raise StartupError(f"cannot mount {mountpoint}: {exc}") from exc
-    log.info("serving %s on %s (%s; memory hierarchy %s)", ", ".join(v.path for v in views),
-             mountpoint, layout.describe(),
-             resolver.memory.mountpoint if resolver.memory else "none")
+    def unmount() -> None:
+        try:
+            lazy_unmount(mountpoint)
+        except OSError as exc:
+            log.warning("%s", exc)
 
-    async def run() -> None:
-        async with trio.open_nursery() as nursery:
-            async def on_signals() -> None:
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    async for signum in signals:
-                        log.info("%s: unmounting", signal.Signals(signum).name)
-                        sd_notify("STOPPING=1")
-                        pyfuse3.terminate()
-                        return
-
-            async def sample_loads() -> None:
-                # Runs between requests on the same thread: no locking needed.
-                while True:
-                    await trio.sleep(SAMPLE_INTERVAL)
-                    n = renderer.loads.sample()
-                    if n:
-                        log.debug("load sample: %d cgroups, %.1f ms CPU", n,
-                                  renderer.loads.last_cycle_cpu * 1000)
-
-            async def on_reload() -> None:
-                with trio.open_signal_receiver(signal.SIGHUP) as signals:
-                    async for _ in signals:
-                        reload_config(opts, cfg, resolver, renderer)
-
-            nursery.start_soon(on_signals)
-            nursery.start_soon(sample_loads)
-            nursery.start_soon(on_reload)
-            sd_notify(f"READY=1\nMAINPID={os.getpid()}")
-            # One task: our handlers never await, so more tasks only hand a lock around.
-            await pyfuse3.main(min_tasks=1, max_tasks=1)
-            nursery.cancel_scope.cancel()
-
-    try:
-        trio.run(run)
-    finally:
-        pyfuse3.close(unmount=True)
-    log.info("unmounted %s; %d opens served, %d errors", mountpoint,
-             ops.stats.opens, ops.stats.errors)
-    return 0
+    sup = sv.Supervisor(cfg, conn, mountpoint, workers, unmount, keep_mount=keep_mount,
+                        debug_fuse=opts.debug_fuse)
+    sup.reexec_argv = [sys.executable, "-m", "cgprocfs", *sys.argv[1:]]
+    if state is not None:
+        sv.adopt(sup, state)
+        sup.upgrade = True
+    return sup.run()

@@ -1,35 +1,49 @@
-"""`cgprocfs` with a fault injected, for tests: FAULT_KIND=raise (default) makes the
-renderer raise RuntimeError on its first two calls (a bug: EIO expected); FAULT_KIND=odd
-makes the first snapshot raise OddCgroupData (odd cgroup data: host file expected)."""
+"""Fault injection for tests, loaded by every Python process started with this directory
+on PYTHONPATH, acting only in the daemon's worker processes (CGPROCFS_SEAT set):
+
+FAULT_KIND=raise  the renderer raises RuntimeError on its first two calls (a bug: EIO)
+FAULT_KIND=odd    the first snapshot raises OddCgroupData (odd cgroup data: host file)
+FAULT_KIND=kill   rendering FAULT_VIEW (default proc/uptime) kills the worker (SIGKILL):
+                  a request that crashes every worker (the crash-loop guard answers EIO)
+"""
 
 import os
-import sys
+import signal
 
-from cgprocfs import cli, resolve, views
-from cgprocfs.snapshot import OddCgroupData
+kind = os.environ.get("FAULT_KIND", "")
 
-calls = {"n": 0}
-kind = os.environ.get("FAULT_KIND", "raise")
+if kind and os.environ.get("CGPROCFS_SEAT"):
+    from cgprocfs import resolve, views
+    from cgprocfs.snapshot import OddCgroupData
 
-if kind == "raise":
+    calls = {"n": 0}
     real_render = views.Renderer.render_for
 
-    def render(self, view, pid):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        if calls["n"] <= 2:
-            raise RuntimeError("injected fault")
-        return real_render(self, view, pid)
+    if kind == "raise":
 
-    views.Renderer.render_for = render  # type: ignore[method-assign]
-else:
-    real_snapshot = resolve.Resolver.snapshot
+        def render(self, view, pid):  # type: ignore[no-untyped-def]
+            calls["n"] += 1
+            if calls["n"] <= 2:
+                raise RuntimeError("injected fault")
+            return real_render(self, view, pid)
 
-    def snapshot(self, pid, *args):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise OddCgroupData("injected odd data")
-        return real_snapshot(self, pid, *args)
+        views.Renderer.render_for = render  # type: ignore[method-assign]
+    elif kind == "kill":
+        target = os.environ.get("FAULT_VIEW", "proc/uptime")
 
-    resolve.Resolver.snapshot = snapshot  # type: ignore[method-assign]
+        def render_or_die(self, view, pid):  # type: ignore[no-untyped-def]
+            if view.path == target:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_render(self, view, pid)
 
-sys.exit(cli.main(sys.argv[1:]))
+        views.Renderer.render_for = render_or_die  # type: ignore[method-assign]
+    elif kind == "odd":
+        real_snapshot = resolve.Resolver.snapshot
+
+        def snapshot(self, pid, *args):  # type: ignore[no-untyped-def]
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise OddCgroupData("injected odd data")
+            return real_snapshot(self, pid, *args)
+
+        resolve.Resolver.snapshot = snapshot  # type: ignore[method-assign]

@@ -1,0 +1,276 @@
+"""Shared memory of one mount, owned by the supervisor and mapped by every worker.
+
+It is what makes worker processes interchangeable and replaceable at any moment:
+
+- **seats**: each worker reads requests from /dev/fuse straight into its seat, and marks
+  the seat empty only after the reply is written. A worker killed in between leaves the
+  request there; its successor in the same seat answers it (the kernel keeps waiting for
+  a reply to a request that was read, so nothing is lost and nothing fails). A crash
+  counter per seat stops a request that kills every worker (answered EIO after
+  MAX_ATTEMPTS).
+- **handle slots**: the bytes rendered at OPEN live here, so a READ can be answered by any
+  worker, of any generation. A file handle is (slot generation << 32 | slot): a stale
+  handle never reads another open's bytes. Slots are partitioned among seats so that
+  only one process allocates in each range (no locks); any process may free a slot.
+- **counters** per seat and a **loads** area (the load sampler's published table).
+
+Everything is plain stores into a MAP_SHARED mapping: one writer per field, or a single
+byte (slot state), so no lock is ever needed.
+"""
+
+from __future__ import annotations
+
+import marshal
+import mmap
+import os
+import struct
+import time
+from dataclasses import dataclass
+
+MAGIC = b"CGPFSAR1"
+HEADER_SIZE = 4096
+SEAT_SIZE = 16384
+SEAT_HEAD = 8  # attempts u32, pad
+REQUEST_MAX = SEAT_SIZE - SEAT_HEAD
+SLOT_SIZE = 32768
+SLOT_HEAD = struct.Struct("<IIQIIH6x")  # generation length inode pid flags nslots
+SLOT_DATA = SLOT_SIZE - SLOT_HEAD.size
+COUNTERS = struct.Struct("<QQQ")  # opens errors fallbacks
+COUNTERS_SIZE = 64
+LOADS_AREA = 512 * 1024  # two buffers of half this size
+MAX_ATTEMPTS = 3
+
+FREE = 0
+IN_USE = 1
+READ_ONCE = 1  # slot flag: the handle has been read (a read at 0 then renders again)
+
+# header: magic, seats, slots per seat, kernel minor, init flags, restarts, poisoned,
+# created, loads version, loads buffer, loads length
+_HEADER = struct.Struct("<8sIIIIIIdQII")
+
+
+@dataclass(frozen=True)
+class Layout:
+    seats: int
+    slots_per_seat: int
+
+    @property
+    def slots(self) -> int:
+        return self.seats * self.slots_per_seat
+
+    @property
+    def counters_off(self) -> int:
+        return HEADER_SIZE
+
+    @property
+    def states_off(self) -> int:
+        return self.counters_off + self.seats * COUNTERS_SIZE
+
+    @property
+    def loads_off(self) -> int:
+        return _align(self.states_off + self.slots, 4096)
+
+    @property
+    def seats_off(self) -> int:
+        return self.loads_off + LOADS_AREA
+
+    @property
+    def slots_off(self) -> int:
+        return self.seats_off + self.seats * SEAT_SIZE
+
+    @property
+    def size(self) -> int:
+        return self.slots_off + self.slots * SLOT_SIZE
+
+
+def _align(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+class Arena:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        size = os.fstat(fd).st_size
+        self.mem = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        magic, seats, per_seat = struct.unpack_from("<8sII", self.mem, 0)
+        if magic != MAGIC:
+            raise ValueError("not a cgprocfs arena")
+        self.layout = Layout(seats, per_seat)
+        self.view = memoryview(self.mem)
+
+    @classmethod
+    def create(cls, seats: int, slots_per_seat: int) -> Arena:
+        layout = Layout(seats, slots_per_seat)
+        fd = os.memfd_create("cgprocfs-arena", 0)  # inheritable: workers get it
+        os.ftruncate(fd, layout.size)
+        with mmap.mmap(fd, HEADER_SIZE, mmap.MAP_SHARED) as m:
+            _HEADER.pack_into(m, 0, MAGIC, seats, slots_per_seat, 0, 0, 0, 0, time.time(),
+                              0, 0, 0)
+        return cls(fd)
+
+    # ---- header fields -------------------------------------------------------------
+    def _header(self) -> tuple[object, ...]:
+        return _HEADER.unpack_from(self.mem, 0)
+
+    def set_init(self, minor: int, flags: int) -> None:
+        struct.pack_into("<II", self.mem, 16, minor, flags)
+
+    @property
+    def kernel_minor(self) -> int:
+        return int(struct.unpack_from("<I", self.mem, 16)[0])
+
+    def add_restart(self) -> None:
+        n = struct.unpack_from("<I", self.mem, 24)[0]
+        struct.pack_into("<I", self.mem, 24, n + 1)
+
+    def add_poisoned(self) -> None:
+        # Several workers may bump this at once; it is a diagnostic, approximate is fine.
+        n = struct.unpack_from("<I", self.mem, 28)[0]
+        struct.pack_into("<I", self.mem, 28, n + 1)
+
+    @property
+    def restarts(self) -> int:
+        return int(struct.unpack_from("<I", self.mem, 24)[0])
+
+    @property
+    def poisoned(self) -> int:
+        return int(struct.unpack_from("<I", self.mem, 28)[0])
+
+    @property
+    def created(self) -> float:
+        return float(struct.unpack_from("<d", self.mem, 32)[0])
+
+    # ---- seats ---------------------------------------------------------------------
+    def seat_off(self, seat: int) -> int:
+        return self.layout.seats_off + seat * SEAT_SIZE
+
+    def request_buffer(self, seat: int) -> memoryview:
+        off = self.seat_off(seat) + SEAT_HEAD
+        return self.view[off : off + REQUEST_MAX]
+
+    def pending_length(self, seat: int) -> int:
+        return int(struct.unpack_from("<I", self.mem, self.seat_off(seat) + SEAT_HEAD)[0])
+
+    def clear_seat(self, seat: int) -> None:
+        struct.pack_into("<I", self.mem, self.seat_off(seat) + SEAT_HEAD, 0)
+
+    def bump_attempts(self, seat: int) -> int:
+        off = self.seat_off(seat)
+        n = struct.unpack_from("<I", self.mem, off)[0] + 1
+        struct.pack_into("<I", self.mem, off, n)
+        return int(n)
+
+    def reset_attempts(self, seat: int) -> None:
+        struct.pack_into("<I", self.mem, self.seat_off(seat), 0)
+
+    # ---- counters ------------------------------------------------------------------
+    def counters(self, seat: int) -> tuple[int, int, int]:
+        return COUNTERS.unpack_from(self.mem, self.layout.counters_off + seat * COUNTERS_SIZE)
+
+    def store_counters(self, seat: int, opens: int, errors: int, fallbacks: int) -> None:
+        COUNTERS.pack_into(self.mem, self.layout.counters_off + seat * COUNTERS_SIZE,
+                           opens, errors, fallbacks)
+
+    def totals(self) -> tuple[int, int, int]:
+        sums = [0, 0, 0]
+        for s in range(self.layout.seats):
+            for i, v in enumerate(self.counters(s)):
+                sums[i] += v
+        return sums[0], sums[1], sums[2]
+
+    # ---- handle slots ---------------------------------------------------------------
+    def allocate(self, seat: int, length: int) -> int | None:
+        """The lowest run of free slots of `seat`'s range that holds `length` bytes
+        (lowest: the touched memory stays as small as the number of handles open at
+        once), or None if there is none. Large contents span consecutive slots."""
+        lay = self.layout
+        k = max(1, -(-(length + SLOT_HEAD.size) // SLOT_SIZE))
+        start = lay.states_off + seat * lay.slots_per_seat
+        i = self.mem.find(b"\0" * k, start, start + lay.slots_per_seat)
+        if i < 0:
+            return None
+        self.mem[i : i + k] = b"\1" * k
+        slot = i - lay.states_off
+        off = lay.slots_off + slot * SLOT_SIZE
+        struct.pack_into("<H", self.mem, off + 24, k)
+        return slot
+
+    def in_use(self) -> int:
+        lay = self.layout
+        return lay.slots - self.mem[lay.states_off : lay.states_off + lay.slots].count(0)
+
+    def store(self, slot: int, inode: int, pid: int, data: bytes) -> int:
+        """Put `data` in an allocated slot; returns the file handle naming it."""
+        off = self.layout.slots_off + slot * SLOT_SIZE
+        gen, _, _, _, _, k = SLOT_HEAD.unpack_from(self.mem, off)
+        gen = (gen + 1) & 0xFFFFFFFF or 1
+        n = len(data)
+        self.mem[off + SLOT_HEAD.size : off + SLOT_HEAD.size + n] = data
+        SLOT_HEAD.pack_into(self.mem, off, gen, n, inode, pid, 0, k)
+        return gen << 32 | slot
+
+    def replace(self, fh: int, data: bytes) -> bool:
+        """New bytes for a live handle, if they fit its slots (else keep the old)."""
+        off = self.layout.slots_off + (fh & 0xFFFFFFFF) * SLOT_SIZE
+        gen, _, inode, pid, flags, k = SLOT_HEAD.unpack_from(self.mem, off)
+        n = len(data)
+        if n + SLOT_HEAD.size > k * SLOT_SIZE:
+            return False
+        self.mem[off + SLOT_HEAD.size : off + SLOT_HEAD.size + n] = data
+        SLOT_HEAD.pack_into(self.mem, off, gen, n, inode, pid, flags, k)
+        return True
+
+    def lookup(self, fh: int) -> tuple[int, int, int, int, int] | None:
+        """(offset of the data, length, inode, flags, opener pid) of a live handle; None
+        if `fh` names no live slot (freed, reused, or never ours)."""
+        slot = fh & 0xFFFFFFFF
+        lay = self.layout
+        if slot >= lay.slots or self.mem[lay.states_off + slot] != IN_USE:
+            return None
+        off = lay.slots_off + slot * SLOT_SIZE
+        gen, length, inode, pid, flags, _k = SLOT_HEAD.unpack_from(self.mem, off)
+        if gen != fh >> 32:
+            return None
+        return off + SLOT_HEAD.size, length, inode, flags, pid
+
+    def mark_read(self, fh: int) -> None:
+        off = self.layout.slots_off + (fh & 0xFFFFFFFF) * SLOT_SIZE
+        struct.pack_into("<I", self.mem, off + 20, READ_ONCE)
+
+    def free(self, fh: int) -> bool:
+        if self.lookup(fh) is None:
+            return False
+        self.free_slot(fh & 0xFFFFFFFF)
+        return True
+
+    def free_slot(self, slot: int) -> None:
+        lay = self.layout
+        (k,) = struct.unpack_from("<H", self.mem, lay.slots_off + slot * SLOT_SIZE + 24)
+        k = max(1, min(k, lay.slots - slot))
+        self.mem[lay.states_off + slot : lay.states_off + slot + k] = b"\0" * k
+
+    # ---- published loads -------------------------------------------------------------
+    def publish_loads(self, table: dict[str, tuple[int, ...]]) -> None:
+        """Single writer (the load sampler): write the inactive buffer, then flip."""
+        blob = marshal.dumps(table)
+        half = LOADS_AREA // 2
+        if len(blob) > half:
+            return  # over ~10,000 tracked cgroups: keep the last table rather than fail
+        version, buf, _ = struct.unpack_from("<QII", self.mem, 40)
+        nxt = 1 - buf
+        off = self.layout.loads_off + nxt * half
+        self.mem[off : off + len(blob)] = blob
+        struct.pack_into("<QII", self.mem, 40, version + 1, nxt, len(blob))
+
+    def loads_version(self) -> int:
+        return int(struct.unpack_from("<Q", self.mem, 40)[0])
+
+    def read_loads(self) -> tuple[int, dict[str, tuple[int, ...]]]:
+        half = LOADS_AREA // 2
+        for _ in range(5):
+            version, buf, n = struct.unpack_from("<QII", self.mem, 40)
+            off = self.layout.loads_off + buf * half
+            blob = bytes(self.mem[off : off + n])
+            if struct.unpack_from("<Q", self.mem, 40)[0] == version:
+                return version, marshal.loads(blob) if n else {}
+        return 0, {}

@@ -1,0 +1,138 @@
+"""Load averages shared by all workers.
+
+One sampler process keeps the LoadTracker (the kernel's exponential averages, every
+SAMPLE_INTERVAL seconds) and publishes its table in the arena; workers read the table
+and tell the sampler, over a datagram socket the supervisor holds, which cgroups are
+being looked at. Every worker therefore shows the same numbers, and the averages survive
+the restart of any process but the supervisor (a new sampler starts from the published
+table).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+
+from cgprocfs.cpu import task_states
+from cgprocfs.fuse.arena import Arena
+from cgprocfs.fuse.child import die_with_supervisor, signal_ready
+from cgprocfs.loadavg import FIXED_1, SAMPLE_INTERVAL, Load, LoadTracker
+
+log = logging.getLogger("cgprocfs.loads")
+
+ENV_ARENA_FD = "CGPROCFS_ARENA_FD"
+ENV_LOADS_FD = "CGPROCFS_LOADS_FD"
+# A worker reminds the sampler of a cgroup it shows at most this often (the sampler
+# forgets cgroups nobody asked about for loadavg.RETENTION seconds).
+REMIND_EVERY = 60.0
+
+
+def _key(directory: str, version: int) -> str:
+    return f"{version}:{directory}"
+
+
+class SharedLoads:
+    """What a worker uses instead of its own LoadTracker (same read())."""
+
+    def __init__(self, arena: Arena, sock_fd: int) -> None:
+        self.arena = arena
+        self.sock = socket.socket(fileno=os.dup(sock_fd))
+        self.sock.setblocking(False)
+        self._version = -1
+        self._table: dict[str, tuple[int, ...]] = {}
+        self._reminded: dict[str, float] = {}
+
+    def read(self, directory: str, version: int, reader: int = 0) -> Load:
+        key = _key(directory, version)
+        if self.arena.loads_version() != self._version:
+            self._version, self._table = self.arena.read_loads()
+        now = time.monotonic()
+        if now - self._reminded.get(key, -REMIND_EVERY) >= REMIND_EVERY:
+            try:
+                self.sock.send(f"{key}\0{reader}".encode())
+                self._reminded[key] = now
+            except OSError:
+                pass  # the sampler is restarting; we remind it on a later read
+            if len(self._reminded) > 100_000:
+                self._reminded.clear()
+        entry = self._table.get(key)
+        if entry is None:
+            # Not sampled yet: its current count, as the sampler starts it.
+            running, blocked, threads, last_pid = task_states(directory, version, reader)
+            active = (running + blocked) * FIXED_1
+            return Load([active, active, active], running, threads, last_pid)
+        a1, a5, a15, running, threads, last_pid = entry
+        return Load([a1, a5, a15], running, threads, last_pid)
+
+
+def publish(arena: Arena, tracker: LoadTracker) -> None:
+    table = {_key(d, v): (*load.averages, load.running, load.threads, load.last_pid)
+             for (d, v), load in tracker._loads.items()}
+    arena.publish_loads(table)
+
+
+def restore(arena: Arena, tracker: LoadTracker) -> None:
+    _, table = arena.read_loads()
+    for key, (a1, a5, a15, running, threads, last_pid) in table.items():
+        version, _, directory = key.partition(":")
+        tracker._loads[(directory, int(version))] = Load([a1, a5, a15], running, threads,
+                                                          last_pid)
+
+
+def run_sampler(arena: Arena, sock: socket.socket) -> None:
+    tracker = LoadTracker()
+    restore(arena, tracker)
+    next_sample = time.monotonic() + SAMPLE_INTERVAL
+    while True:
+        timeout = max(0.0, next_sample - time.monotonic())
+        ready, _, _ = select.select([sock], [], [], timeout)
+        changed = False
+        while ready:
+            try:
+                msg = sock.recv(8192, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            key, _, reader = msg.decode(errors="replace").partition("\0")
+            version, _, directory = key.partition(":")
+            try:
+                new = (directory, int(version)) not in tracker._loads
+                tracker.read(directory, int(version), int(reader or 0))
+                changed |= new
+            except (OSError, ValueError):
+                continue  # a cgroup gone since, or a garbled message
+        if time.monotonic() >= next_sample:
+            try:
+                n = tracker.sample()
+            except Exception:
+                log.exception("load sampling failed; trying again next cycle")
+                n = 0
+            next_sample += SAMPLE_INTERVAL
+            if next_sample < time.monotonic():  # we were stopped: do not catch up
+                next_sample = time.monotonic() + SAMPLE_INTERVAL
+            log.debug("load sample: %d cgroups, %.1f ms CPU", n,
+                      tracker.last_cycle_cpu * 1000)
+            changed = True
+        if changed:
+            publish(arena, tracker)
+
+
+def main() -> int:
+    logging.basicConfig(level=os.environ.get("CGPROCFS_LOG_LEVEL", "INFO").upper(),
+                        format="cgprocfs[%(process)d] %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_supervisor()
+    arena = Arena(int(os.environ[ENV_ARENA_FD]))
+    sock = socket.socket(fileno=int(os.environ[ENV_LOADS_FD]))
+    signal_ready()
+    run_sampler(arena, sock)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,379 @@
+"""The supervisor: holds the mount's /dev/fuse connection and runs worker generations.
+
+The process that mounts never answers a request. It keeps the connection's descriptor,
+the arena and the load sampler's socket open for the life of the mount and runs the
+processes that serve: a worker per seat (started again at once when one dies; its
+successor answers whatever request it had in hand) and the load sampler. Because the
+descriptor never closes, the kernel never sees the daemon go away: readers at most wait
+for a new worker, they never get ENOTCONN.
+
+- SIGHUP: zero-downtime reload and upgrade. The supervisor checks that the code on disk
+  imports, then re-executes itself (the descriptors survive execve; its children stay
+  its children), and the new image replaces every worker and the sampler one at a time:
+  a new one is started and retires the old one only once it is ready. A build that does
+  not start leaves the old processes serving.
+- SIGTERM/SIGINT: unmount and stop (under systemd with a descriptor store: keep the
+  mount and stop, the next start takes the connection over from the store).
+- Under systemd the descriptors also go to the service's descriptor store
+  (FDSTORE=1), so even the supervisor's own crash or `systemctl restart` is survived.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cgprocfs.config import Config
+from cgprocfs.fuse.arena import Arena
+from cgprocfs.fuse.worker import config_to_json
+
+log = logging.getLogger("cgprocfs.supervisor")
+
+ENV_TAKEOVER = "CGPROCFS_TAKEOVER"
+FDNAMES = ("cgprocfs-fuse", "cgprocfs-arena", "cgprocfs-loads-r", "cgprocfs-loads-w")
+READY_TIMEOUT = 30.0
+SLOTS_PER_SEAT = 256
+
+
+@dataclass
+class Child:
+    pid: int
+    role: str  # "worker" or "sampler"
+    seat: int  # -1 for the sampler
+    started: float = field(default_factory=time.monotonic)
+    retiring: bool = False
+    ready: bool = False  # it said it serves (a start-up failure is not a crash)
+    ready_fd: int = -1  # the read end of its ready pipe, while not yet ready
+
+
+@dataclass
+class Connection:
+    """Everything that must outlive every process but the supervisor."""
+
+    fuse_fd: int
+    arena: Arena
+    loads_r: int  # the sampler's end of the load registration socket pair
+    loads_w: int  # the workers' end
+
+    def fds(self) -> list[int]:
+        return [self.fuse_fd, self.arena.fd, self.loads_r, self.loads_w]
+
+    @classmethod
+    def create(cls, fuse_fd: int, seats: int) -> Connection:
+        arena = Arena.create(seats, SLOTS_PER_SEAT)
+        r, w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        conn = cls(fuse_fd, arena, r.detach(), w.detach())
+        for fd in conn.fds():
+            os.set_inheritable(fd, True)
+        return conn
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, conn: Connection, mountpoint: str, workers: int,
+                 on_unmount: Callable[[], None], keep_mount: bool = False,
+                 debug_fuse: bool = False) -> None:
+        self.cfg = cfg
+        self.conn = conn
+        self.mountpoint = mountpoint
+        self.workers = workers
+        self.on_unmount = on_unmount
+        self.keep_mount = keep_mount
+        self.debug_fuse = debug_fuse
+        self.children: dict[int, Child] = {}
+        self.failures: dict[int, int] = {}
+        self.delayed: list[tuple[float, str, int]] = []  # (when, role, seat)
+        self.reexec_argv: list[str] | None = None
+        self.upgrade = False  # replace every adopted process once running (after re-exec)
+
+    # ---- processes -------------------------------------------------------------------
+    def _env(self, seat: int, ready_fd: int) -> dict[str, str]:
+        env = dict(os.environ)
+        env.pop(ENV_TAKEOVER, None)
+        for k in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET"):
+            env.pop(k, None)  # only the supervisor talks to systemd
+        env.update({
+            "CGPROCFS_FUSE_FD": str(self.conn.fuse_fd),
+            "CGPROCFS_ARENA_FD": str(self.conn.arena.fd),
+            "CGPROCFS_SEAT": str(seat),
+            "CGPROCFS_READY_FD": str(ready_fd),
+            "CGPROCFS_LOADS_FD": str(self.conn.loads_w if seat >= 0 else self.conn.loads_r),
+            "CGPROCFS_CONFIG_JSON": config_to_json(self.cfg),
+            "CGPROCFS_LOG_LEVEL": self.cfg.log_level,
+            "CGPROCFS_SUPERVISOR": str(os.getpid()),
+        })
+        if self.debug_fuse:
+            env["CGPROCFS_DEBUG_FUSE"] = "1"
+        return env
+
+    def spawn(self, role: str, seat: int) -> tuple[Child, int]:
+        """Start a worker (or the sampler); returns it and the read end of its ready
+        pipe (one byte when it serves, EOF if it dies first)."""
+        r, w = os.pipe()
+        os.set_inheritable(w, True)
+        module = "cgprocfs.fuse.worker" if role == "worker" else "cgprocfs.fuse.loads"
+        try:
+            pid = os.posix_spawn(sys.executable, [sys.executable, "-m", module],
+                                 self._env(seat, w))
+        finally:
+            os.close(w)
+        child = Child(pid, role, seat, ready_fd=r)
+        self.children[pid] = child
+        return child, r
+
+    def wait_ready(self, r: int, timeout: float = READY_TIMEOUT) -> bool:
+        try:
+            ready, _, _ = select.select([r], [], [], timeout)
+            ok = bool(ready) and os.read(r, 1) == b"R"
+        finally:
+            os.close(r)
+        for c in self.children.values():
+            if c.ready_fd == r:
+                c.ready, c.ready_fd = ok, -1
+        return ok
+
+    def check_ready(self, readable: list[int]) -> None:
+        for c in self.children.values():
+            if c.ready_fd in readable:
+                with contextlib.suppress(OSError):
+                    c.ready = os.read(c.ready_fd, 1) == b"R"
+                os.close(c.ready_fd)
+                c.ready_fd = -1
+
+    def free_seat(self) -> int:
+        used = {c.seat for c in self.children.values()}
+        used |= {seat for _, _, seat in self.delayed}
+        for seat in range(self.conn.arena.layout.seats):
+            if seat not in used and not self.conn.arena.pending_length(seat):
+                return seat
+        raise RuntimeError("no free seat")
+
+    def start_all(self) -> None:
+        """Workers for every seat that holds an unanswered request, then up to the
+        configured count, and the sampler; waits until all are serving."""
+        arena = self.conn.arena
+        taken = {c.seat for c in self.children.values() if not c.retiring}
+        seats = [s for s in range(arena.layout.seats)
+                 if arena.pending_length(s) and s not in taken]
+        serving = len([c for c in self.children.values()
+                       if c.role == "worker" and not c.retiring])
+        while serving + len(seats) < self.workers:
+            seat = next(s for s in range(arena.layout.seats)
+                        if s not in taken and s not in seats
+                        and not arena.pending_length(s))
+            seats.append(seat)
+        pipes = [self.spawn("worker", s)[1] for s in seats]
+        if not any(c.role == "sampler" for c in self.children.values()):
+            pipes.append(self.spawn("sampler", -1)[1])
+        for r in pipes:
+            self.wait_ready(r)
+
+    def replace_all(self) -> bool:
+        """The rolling part of a reload: each old process is retired only after its
+        replacement is ready. Returns False (old ones keep serving) if one fails."""
+        old = [c for c in self.children.values() if not c.retiring]
+        for child in old:
+            seat = self.free_seat() if child.role == "worker" else -1
+            new, r = self.spawn(child.role, seat)
+            if not self.wait_ready(r):
+                log.error("reload: the new %s did not start; the running ones keep "
+                          "serving", child.role)
+                new.retiring = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(new.pid, signal.SIGKILL)
+                return False
+            child.retiring = True
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGTERM)
+        return True
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.children.pop(pid, None)
+            if child is None:
+                continue
+            if child.ready_fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(child.ready_fd)
+            pending = child.seat >= 0 and self.conn.arena.pending_length(child.seat)
+            if child.retiring and not pending:
+                continue
+            how = (f"signal {-os.waitstatus_to_exitcode(status)}"
+                   if os.WIFSIGNALED(status) else f"status {os.waitstatus_to_exitcode(status)}")
+            if self.stopping:
+                continue
+            log.warning("%s %d (seat %d) ended with %s; starting another%s", child.role,
+                        pid, child.seat, how, " to answer its request" if pending else "")
+            self.conn.arena.add_restart()
+            key = child.seat
+            # A process that served is replaced at once (readers are waiting). One that
+            # dies before it serves, again and again (a broken install), is started again
+            # with a growing delay instead of in a tight loop.
+            failed_start = not child.ready and not os.WIFSIGNALED(status)
+            self.failures[key] = self.failures.get(key, 0) + 1 if failed_start else 0
+            delay = 0.0 if self.failures[key] <= 1 else min(5.0, 0.1 * 2 ** self.failures[key])
+            self.delayed.append((time.monotonic() + delay, child.role, child.seat))
+
+    def start_delayed(self) -> None:
+        now = time.monotonic()
+        due = [d for d in self.delayed if d[0] <= now]
+        self.delayed = [d for d in self.delayed if d[0] > now]
+        for _, role, seat in due:
+            self.spawn(role, seat)
+
+    # ---- the loop ------------------------------------------------------------------
+    stopping = False
+
+    def run(self) -> int:
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda *_: None)
+        self.reap()
+        self.start_all()
+        from cgprocfs.serve import sd_notify
+
+        sd_notify(f"READY=1\nMAINPID={os.getpid()}")
+        if self.upgrade:
+            self.upgrade = False
+            ok = self.replace_all()
+            log.info("reload: every worker replaced" if ok else "reload: not completed")
+        while True:
+            timeout = None
+            if self.delayed:
+                timeout = max(0.0, min(d[0] for d in self.delayed) - time.monotonic())
+            waiting = [c.ready_fd for c in self.children.values() if c.ready_fd >= 0]
+            readable: list[int] = []
+            with contextlib.suppress(InterruptedError):
+                readable, _, _ = select.select([wake_r, *waiting], [], [], timeout)
+            self.check_ready(readable)
+            try:
+                signums = os.read(wake_r, 256)
+            except BlockingIOError:
+                signums = b""
+            self.reap()
+            if signal.SIGTERM in signums or signal.SIGINT in signums:
+                return self.shutdown(signal.Signals(signums[-1]).name)
+            if signal.SIGHUP in signums:
+                self.reload()
+            self.start_delayed()
+
+    def reload(self) -> None:
+        from cgprocfs.serve import sd_notify
+
+        sd_notify("RELOADING=1")
+        argv = self.reexec_argv or [sys.executable, "-m", "cgprocfs", "serve"]
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+        env["CGPROCFS_CHECK_ONLY"] = "1"
+        try:
+            check = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.error("SIGHUP: cannot check the installed code (%s); not reloading", exc)
+            sd_notify("READY=1")
+            return
+        if check.returncode != 0:
+            log.error("SIGHUP: the installed code or the configuration does not load; "
+                      "not reloading:\n%s", check.stderr[-2000:])
+            sd_notify("READY=1")
+            return
+        if self.reexec_argv is None:
+            ok = self.replace_all()
+            log.info("SIGHUP: workers replaced" if ok else "SIGHUP: reload failed")
+            sd_notify("READY=1")
+            return
+        state = {
+            "fuse": self.conn.fuse_fd, "arena": self.conn.arena.fd,
+            "loads_r": self.conn.loads_r, "loads_w": self.conn.loads_w,
+            "children": [[c.pid, c.role, c.seat, c.retiring] for c in self.children.values()],
+            "keep_mount": self.keep_mount,
+        }
+        env = dict(os.environ)
+        env[ENV_TAKEOVER] = json.dumps(state)
+        log.info("SIGHUP: re-executing the supervisor (pid %d stays) to load the installed "
+                 "code", os.getpid())
+        signal.set_wakeup_fd(-1)
+        os.execve(sys.executable, self.reexec_argv, env)
+
+    def shutdown(self, why: str) -> int:
+        from cgprocfs.serve import sd_notify
+
+        self.stopping = True
+        sd_notify("STOPPING=1")
+        if self.keep_mount:
+            log.info("%s: stopping; the mount stays in the service's descriptor store", why)
+        else:
+            log.info("%s: unmounting", why)
+            self.on_unmount()
+        for pid in list(self.children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while self.children and time.monotonic() < deadline:
+            self.reap()
+            time.sleep(0.01)
+        for pid in list(self.children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        opens, errors, _ = self.conn.arena.totals()
+        log.info("unmounted %s; %d opens served, %d errors", self.mountpoint, opens, errors)
+        return 0
+
+
+def takeover_state() -> dict[str, object] | None:
+    text = os.environ.pop(ENV_TAKEOVER, None)
+    return json.loads(text) if text else None
+
+
+def adopt(sup: Supervisor, state: dict[str, object]) -> None:
+    """After a re-exec: the children are still ours."""
+    for pid, role, seat, retiring in state["children"]:  # type: ignore[attr-defined]
+        sup.children[pid] = Child(pid, role, seat, retiring=retiring)
+
+
+def listen_fds() -> dict[str, int]:
+    """Descriptors systemd passed back from the service's store, by name."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return {}
+    n = int(os.environ.get("LISTEN_FDS", "0"))
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+    out = {names[i] if i < len(names) else f"fd{i}": 3 + i for i in range(n)}
+    for k in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+        os.environ.pop(k, None)
+    return out
+
+
+def store_fds(conn: Connection) -> bool:
+    """Give systemd a copy of each descriptor (FDSTORE=1); False outside systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    # systemd (>= 254) sets $FDSTORE to FileDescriptorStoreMax=: without a store, the
+    # descriptors sent would be refused.
+    if not addr or int(os.environ.get("FDSTORE", "0") or 0) < len(FDNAMES):
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            for name, fd in zip(FDNAMES, conn.fds(), strict=True):
+                socket.send_fds(s, [f"FDSTORE=1\nFDNAME={name}".encode()], [fd])
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            log.warning("cannot store descriptors in systemd: %s", exc)
+        return False
+    return True

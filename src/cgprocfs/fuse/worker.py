@@ -1,0 +1,208 @@
+"""A worker: one process answering FUSE requests from the shared /dev/fuse descriptor.
+
+Several workers read the same descriptor (the kernel hands each request to exactly one
+blocked reader), so a node's readers are served on every core. Each request is read
+straight into the worker's seat in the arena and the seat is cleared only after the
+reply is written: a worker killed in between leaves the request for its successor,
+which answers it first thing. The kernel never learns that anything happened.
+
+Run by the supervisor as `python -m cgprocfs.fuse.worker`; everything it needs comes in
+inherited descriptors and environment variables (see Worker.from_environment).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import signal
+import sys
+from types import FrameType
+
+from cgprocfs.cgroups import load_layout
+from cgprocfs.config import Config
+from cgprocfs.fs import FsError, ViewsFS
+from cgprocfs.fuse import abi
+from cgprocfs.fuse.arena import MAX_ATTEMPTS, Arena
+from cgprocfs.fuse.child import die_with_supervisor, signal_ready
+from cgprocfs.fuse.loads import SharedLoads
+from cgprocfs.resolve import Resolver
+from cgprocfs.snapshot import RenderOptions
+from cgprocfs.views import Renderer, available_views
+
+log = logging.getLogger("cgprocfs.worker")
+
+ENV_FUSE_FD = "CGPROCFS_FUSE_FD"
+ENV_ARENA_FD = "CGPROCFS_ARENA_FD"
+ENV_SEAT = "CGPROCFS_SEAT"
+ENV_LOADS_FD = "CGPROCFS_LOADS_FD"
+ENV_CONFIG = "CGPROCFS_CONFIG_JSON"
+
+
+class _Stop(BaseException):
+    """Raised by SIGTERM only while blocked in read(): nothing is in hand then."""
+
+
+def config_to_json(cfg: Config) -> str:
+    d = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
+    return json.dumps(d)
+
+
+def config_from_json(text: str) -> Config:
+    d = json.loads(text)
+    if d.get("views") is not None:
+        d["views"] = tuple(d["views"])
+    return Config(**d)
+
+
+def build_renderer(cfg: Config, loads_fd: int | None, arena: Arena) -> Renderer:
+    resolver = Resolver(load_layout())
+    renderer = Renderer(resolver, RenderOptions(hide_swap=cfg.hide_swap))
+    resolver.cpu.use_quota = cfg.cpu_quota
+    resolver.limits.max_age = cfg.limits_max_age
+    resolver.host.max_age = cfg.host_max_age
+    if loads_fd is not None:
+        renderer.loads = SharedLoads(arena, loads_fd)  # type: ignore[assignment]
+    return renderer
+
+
+def select_views(cfg: Config) -> tuple[object, ...]:
+    views = available_views()
+    return views if cfg.views is None else tuple(v for v in views if v.path in cfg.views)
+
+
+class Worker:
+    def __init__(self, fuse_fd: int, arena: Arena, seat: int, fs: ViewsFS) -> None:
+        self.fd = fuse_fd
+        self.arena = arena
+        self.seat = seat
+        self.fs = fs
+        self.buf = arena.request_buffer(seat)
+        self.stopping = False
+        self.in_read = False
+        self.debug = bool(os.environ.get("CGPROCFS_DEBUG_FUSE"))
+
+    @classmethod
+    def from_environment(cls) -> Worker:
+        env = os.environ
+        cfg = config_from_json(env[ENV_CONFIG])
+        arena = Arena(int(env[ENV_ARENA_FD]))
+        seat = int(env[ENV_SEAT])
+        loads_fd = int(env[ENV_LOADS_FD]) if env.get(ENV_LOADS_FD) else None
+        renderer = build_renderer(cfg, loads_fd, arena)
+        fs = ViewsFS(renderer, select_views(cfg), arena, seat)  # type: ignore[arg-type]
+        return cls(int(env[ENV_FUSE_FD]), arena, seat, fs)
+
+    def _on_term(self, signum: int, frame: FrameType | None) -> None:
+        self.stopping = True
+        if self.in_read:
+            raise _Stop
+
+    def serve(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
+        self._answer_leftover()
+        fd, buf = self.fd, [self.buf]
+        while not self.stopping:
+            try:
+                self.in_read = True
+                os.readv(fd, buf)
+                self.in_read = False
+            except _Stop:
+                self.in_read = False
+                break
+            except OSError as exc:
+                self.in_read = False
+                if exc.errno in (errno.ENOENT, errno.EINTR, errno.EAGAIN):
+                    continue  # the request was interrupted before we got it
+                if exc.errno == errno.ENODEV:
+                    log.info("the mount is gone (ENODEV); worker %d exits", self.seat)
+                    return
+                raise
+            self.handle()
+        # SIGTERM may land just after read() returned: answer what is in hand.
+        if self.arena.pending_length(self.seat):
+            self.handle()
+
+    def _answer_leftover(self) -> None:
+        """A request our predecessor in this seat read but did not answer."""
+        if not self.arena.pending_length(self.seat):
+            return
+        attempts = self.arena.bump_attempts(self.seat)
+        if attempts >= MAX_ATTEMPTS:
+            # This request has killed the worker every time: answer EIO, keep the mount.
+            _, opcode, unique, nodeid, *_ = abi.IN_HEADER.unpack_from(self.buf, 0)
+            log.error("request %d (opcode %d, inode %d) killed %d workers; answering EIO",
+                      unique, opcode, nodeid, attempts)
+            self.arena.add_poisoned()
+            self._reply(unique, -errno.EIO, b"", opcode, 0)
+            self.arena.clear_seat(self.seat)
+            self.arena.reset_attempts(self.seat)
+            return
+        log.warning("answering request left by a previous worker (attempt %d)", attempts)
+        self.handle()
+        self.arena.reset_attempts(self.seat)
+
+    def handle(self) -> None:
+        buf = self.buf
+        length, opcode, unique, nodeid, _uid, _gid, pid, _, _ = abi.IN_HEADER.unpack_from(
+            buf, 0)
+        if self.debug:
+            log.info("request %d: opcode %d inode %d pid %d (%d bytes)", unique, opcode,
+                     nodeid, pid, length)
+        if opcode in abi.NO_REPLY:
+            self.arena.clear_seat(self.seat)
+            return
+        op = self.fs.ops.get(opcode)
+        payload = b""
+        if op is None:
+            err = -errno.ENOSYS
+        else:
+            try:
+                payload = op(nodeid, pid, buf[abi.IN_HEADER_SIZE : length])
+                err = 0
+            except FsError as exc:
+                err = -exc.errno
+            except Exception:
+                log.exception("opcode %d on inode %d failed; answering EIO", opcode, nodeid)
+                self.fs.counters.errors += 1
+                err = -errno.EIO
+        self._reply(unique, err, payload, opcode, nodeid)
+        self.arena.clear_seat(self.seat)
+        if opcode == abi.OPEN:
+            c = self.fs.counters
+            self.arena.store_counters(self.seat, c.opens, c.errors,
+                                      self.fs.renderer.fallbacks)
+
+    def _reply(self, unique: int, err: int, payload: bytes, opcode: int, nodeid: int) -> None:
+        try:
+            os.write(self.fd, abi.OUT_HEADER.pack(abi.OUT_HEADER_SIZE + len(payload), err,
+                                                  unique) + payload)
+        except OSError as exc:
+            # ENOENT: the caller gave up (interrupted) or a predecessor answered already.
+            # An OPEN nobody will RELEASE must not keep its slot.
+            if exc.errno == errno.ENOENT and opcode == abi.OPEN and not err:
+                fh = abi.OPEN_OUT.unpack_from(payload)[0]
+                self.arena.free(fh)
+            elif exc.errno not in (errno.ENOENT, errno.ENODEV):
+                log.warning("reply to request %d failed: %s", unique, exc)
+
+
+def main() -> int:
+    cfg = config_from_json(os.environ[ENV_CONFIG])
+    logging.basicConfig(
+        level=getattr(logging, cfg.log_level.upper()),
+        format="cgprocfs[%(process)d] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    die_with_supervisor()
+    worker = Worker.from_environment()
+    signal_ready()
+    log.debug("worker seat %d serving", worker.seat)
+    worker.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

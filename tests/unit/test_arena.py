@@ -1,0 +1,92 @@
+"""The shared arena: handles survive any worker, stale handles never read bytes, seats
+keep unanswered requests, loads publish atomically."""
+
+from __future__ import annotations
+
+import os
+
+from cgprocfs.fuse.arena import SLOT_DATA, Arena
+
+
+def make() -> Arena:
+    return Arena.create(seats=2, slots_per_seat=8)
+
+
+def test_a_handle_reads_its_bytes_from_another_mapping() -> None:
+    a = make()
+    slot = a.allocate(0, 5)
+    assert slot == 0
+    fh = a.store(slot, inode=42, pid=7, data=b"hello")
+    other = Arena(a.fd)  # what another worker process maps
+    found = other.lookup(fh)
+    assert found is not None
+    start, length, inode, flags, opener = found
+    assert (length, inode, flags, opener) == (5, 42, 0, 7)
+    assert other.mem[start : start + length] == b"hello"
+
+
+def test_a_stale_or_foreign_handle_names_nothing() -> None:
+    a = make()
+    fh = a.store(a.allocate(0, 3), 1, 1, b"abc")  # type: ignore[arg-type]
+    assert a.free(fh)
+    assert a.lookup(fh) is None  # freed
+    fh2 = a.store(a.allocate(0, 3), 1, 1, b"xyz")  # type: ignore[arg-type]
+    assert fh2 & 0xFFFFFFFF == fh & 0xFFFFFFFF and fh2 != fh  # same slot, new generation
+    assert a.lookup(fh) is None  # the old handle does not read the new bytes
+    assert a.lookup(1 << 32 | 10_000) is None  # out of range
+    assert not a.free(fh)  # a RELEASE of a stale handle frees nothing
+
+
+def test_slots_are_per_seat_lowest_first_and_large_contents_span_slots() -> None:
+    a = make()
+    assert a.allocate(1, 10) == 8  # seat 1 owns slots 8..15
+    big = b"x" * (SLOT_DATA + 100)
+    s = a.allocate(0, len(big))
+    assert s == 0
+    fh = a.store(s, 1, 1, big)  # type: ignore[arg-type]
+    assert a.allocate(0, 1) == 2  # slots 0 and 1 are taken by the large one
+    found = a.lookup(fh)
+    assert found is not None and found[1] == len(big)
+    assert a.mem[found[0] : found[0] + found[1]] == big
+    a.free(fh)
+    assert a.allocate(0, 1) == 0
+    assert a.in_use() == 3
+
+
+def test_a_full_seat_says_so() -> None:
+    a = make()
+    for _ in range(8):
+        assert a.allocate(0, 1) is not None
+    assert a.allocate(0, 1) is None
+    assert a.allocate(1, 1) == 8
+
+
+def test_replace_keeps_the_handle_and_refuses_what_does_not_fit() -> None:
+    a = make()
+    fh = a.store(a.allocate(0, 4), 3, 9, b"old!")  # type: ignore[arg-type]
+    assert a.replace(fh, b"new bytes")
+    found = a.lookup(fh)
+    assert found is not None and a.mem[found[0] : found[0] + found[1]] == b"new bytes"
+    assert not a.replace(fh, b"y" * (SLOT_DATA + 1))
+
+
+def test_a_seat_keeps_an_unanswered_request() -> None:
+    a = make()
+    buf = a.request_buffer(1)
+    buf[:4] = (56).to_bytes(4, "little")  # what read(/dev/fuse) leaves: the length first
+    assert Arena(a.fd).pending_length(1) == 56
+    assert a.bump_attempts(1) == 1 and a.bump_attempts(1) == 2
+    a.clear_seat(1)
+    a.reset_attempts(1)
+    assert a.pending_length(1) == 0 and a.bump_attempts(1) == 1
+
+
+def test_loads_publish_and_read_back() -> None:
+    a = make()
+    assert a.read_loads() == (0, {})
+    a.publish_loads({"1:/sys/fs/cgroup/cpu/x": (2048, 1024, 512, 1, 3, 99)})
+    a.publish_loads({"2:/sys/fs/cgroup/y": (1, 2, 3, 4, 5, 6)})
+    version, table = Arena(a.fd).read_loads()
+    assert version == 2
+    assert table == {"2:/sys/fs/cgroup/y": (1, 2, 3, 4, 5, 6)}
+    os.close(a.fd)
