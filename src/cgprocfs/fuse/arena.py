@@ -97,6 +97,11 @@ class Arena:
             raise ValueError("not a cgprocfs arena")
         self.layout = Layout(seats, per_seat)
         self.view = memoryview(self.mem)
+        # Plain attributes: these are on the path of every request.
+        self.slots = self.layout.slots
+        self.states_off = self.layout.states_off
+        self.slots_off = self.layout.slots_off
+        self.seats_off = self.layout.seats_off
 
     @classmethod
     def create(cls, seats: int, slots_per_seat: int) -> Arena:
@@ -142,7 +147,7 @@ class Arena:
 
     # ---- seats ---------------------------------------------------------------------
     def seat_off(self, seat: int) -> int:
-        return self.layout.seats_off + seat * SEAT_SIZE
+        return self.seats_off + seat * SEAT_SIZE
 
     def request_buffer(self, seat: int) -> memoryview:
         off = self.seat_off(seat) + SEAT_HEAD
@@ -183,15 +188,15 @@ class Arena:
         """The lowest run of free slots of `seat`'s range that holds `length` bytes
         (lowest: the touched memory stays as small as the number of handles open at
         once), or None if there is none. Large contents span consecutive slots."""
-        lay = self.layout
-        k = max(1, -(-(length + SLOT_HEAD.size) // SLOT_SIZE))
-        start = lay.states_off + seat * lay.slots_per_seat
-        i = self.mem.find(b"\0" * k, start, start + lay.slots_per_seat)
+        per_seat = self.layout.slots_per_seat
+        k = 1 if length < SLOT_DATA else -(-(length + SLOT_HEAD.size) // SLOT_SIZE)
+        start = self.states_off + seat * per_seat
+        i = self.mem.find(b"\0" * k, start, start + per_seat)
         if i < 0:
             return None
         self.mem[i : i + k] = b"\1" * k
-        slot = i - lay.states_off
-        off = lay.slots_off + slot * SLOT_SIZE
+        slot = i - self.states_off
+        off = self.slots_off + slot * SLOT_SIZE
         struct.pack_into("<H", self.mem, off + 24, k)
         return slot
 
@@ -201,7 +206,7 @@ class Arena:
 
     def store(self, slot: int, inode: int, pid: int, data: bytes) -> int:
         """Put `data` in an allocated slot; returns the file handle naming it."""
-        off = self.layout.slots_off + slot * SLOT_SIZE
+        off = self.slots_off + slot * SLOT_SIZE
         gen, _, _, _, _, k = SLOT_HEAD.unpack_from(self.mem, off)
         gen = (gen + 1) & 0xFFFFFFFF or 1
         n = len(data)
@@ -211,7 +216,7 @@ class Arena:
 
     def replace(self, fh: int, data: bytes) -> bool:
         """New bytes for a live handle, if they fit its slots (else keep the old)."""
-        off = self.layout.slots_off + (fh & 0xFFFFFFFF) * SLOT_SIZE
+        off = self.slots_off + (fh & 0xFFFFFFFF) * SLOT_SIZE
         gen, _, inode, pid, flags, k = SLOT_HEAD.unpack_from(self.mem, off)
         n = len(data)
         if n + SLOT_HEAD.size > k * SLOT_SIZE:
@@ -224,17 +229,16 @@ class Arena:
         """(offset of the data, length, inode, flags, opener pid) of a live handle; None
         if `fh` names no live slot (freed, reused, or never ours)."""
         slot = fh & 0xFFFFFFFF
-        lay = self.layout
-        if slot >= lay.slots or self.mem[lay.states_off + slot] != IN_USE:
+        if slot >= self.slots or self.mem[self.states_off + slot] != IN_USE:
             return None
-        off = lay.slots_off + slot * SLOT_SIZE
+        off = self.slots_off + slot * SLOT_SIZE
         gen, length, inode, pid, flags, _k = SLOT_HEAD.unpack_from(self.mem, off)
         if gen != fh >> 32:
             return None
         return off + SLOT_HEAD.size, length, inode, flags, pid
 
     def mark_read(self, fh: int) -> None:
-        off = self.layout.slots_off + (fh & 0xFFFFFFFF) * SLOT_SIZE
+        off = self.slots_off + (fh & 0xFFFFFFFF) * SLOT_SIZE
         struct.pack_into("<I", self.mem, off + 20, READ_ONCE)
 
     def free(self, fh: int) -> bool:
@@ -244,10 +248,9 @@ class Arena:
         return True
 
     def free_slot(self, slot: int) -> None:
-        lay = self.layout
-        (k,) = struct.unpack_from("<H", self.mem, lay.slots_off + slot * SLOT_SIZE + 24)
-        k = max(1, min(k, lay.slots - slot))
-        self.mem[lay.states_off + slot : lay.states_off + slot + k] = b"\0" * k
+        (k,) = struct.unpack_from("<H", self.mem, self.slots_off + slot * SLOT_SIZE + 24)
+        k = max(1, min(k, self.slots - slot))
+        self.mem[self.states_off + slot : self.states_off + slot + k] = b"\0" * k
 
     # ---- published loads -------------------------------------------------------------
     def publish_loads(self, table: dict[str, tuple[int, ...]]) -> None:
