@@ -559,8 +559,8 @@ def make_target(name: str, workdir: Path, lxcfs_bin: str | None = None,
             ).stdout
             subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
             env["PYTHONPATH"] = str(dest / "src")
-            subj = _git("log", "-1", "--format=%s", sha)[:60]
-            version = f"git {sha[:12]} ({subj})"
+            src = _git("log", "-1", "--format=%h %s", sha, "--", "src")[:70]
+            version = f"git {sha[:12]} (src/ last changed in {src})"
         return Target("cgprocfs", version=version, cmd=[PYTHON, "-m", "cgprocfs", "serve"],
                       env=env)
     raise SystemExit(f"unknown target {name!r} (known: {', '.join(ALL_TARGETS)})")
