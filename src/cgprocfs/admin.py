@@ -27,7 +27,7 @@ def status(mountpoint: str) -> int:
     try:
         doc = json.loads(Path(mountpoint, STATUS_FILE).read_text())
     except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
+        if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):
             print(f"{mountpoint}: STALE mount ({fstype}): its daemon is gone "
                   "(Transport endpoint is not connected); restart the daemon: it detaches "
                   "the stale mount at start-up")
@@ -64,13 +64,6 @@ def doctor(mountpoint: str) -> int:
         except OSError as exc:
             good &= _check(False, f"/dev/fuse opens read-write ({exc.strerror})",
                            "run as root; in a container run privileged or allow the device")
-    try:
-        import pyfuse3  # noqa: F401
-
-        _check(True, "libfuse3 and pyfuse3 load")
-    except ImportError as exc:
-        good &= _check(False, f"libfuse3 and pyfuse3 load ({exc})",
-                       "apt-get install fuse3 libfuse3-3; pip install pyfuse3")
     layout = load_layout()
     _check(bool(layout.hierarchies), f"cgroups: {layout.describe()}")
     for controller, fix in (("memory", "boot with cgroup_enable=memory"),

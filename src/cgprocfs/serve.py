@@ -91,7 +91,8 @@ def prepare_mountpoint(mountpoint: str) -> None:
                 from exc
         return
     except OSError as exc:
-        if exc.errno != errno.ENOTCONN:
+        # ECONNABORTED: the connection was torn down under a request just now.
+        if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
             raise StartupError(f"cannot use mountpoint {mountpoint}: {exc.strerror}") from exc
         log.warning("%s: stale mount from a crashed run (ENOTCONN); detaching it", mountpoint)
         lazy_unmount(mountpoint)

@@ -191,6 +191,8 @@ class Renderer:
         self.fallbacks = 0
         # Last CPU counters shown per container, so that every counter only grows.
         self._times: dict[tuple[str, float], CpuTimes] = {}
+        # Set by workers: the same memory shared by every worker process.
+        self.shared_times: Callable[[tuple[str, float], CpuTimes], CpuTimes] | None = None
         self.loads = LoadTracker()
 
     def render(self, view: View, pid: int) -> bytes:
@@ -223,6 +225,8 @@ class Renderer:
             return Rendered(read_small(view.host_path).encode(), snap.caller)
         key = (snap.view.cgroup, snap.view.start)
         times = cpu_times(snap.view).at_least(self._times.get(key))
+        if self.shared_times is not None:
+            times = self.shared_times(key, times)
         if len(self._times) > 8192:
             self._times.clear()
         self._times[key] = times

@@ -90,3 +90,12 @@ def test_loads_publish_and_read_back() -> None:
     assert version == 2
     assert table == {"2:/sys/fs/cgroup/y": (1, 2, 3, 4, 5, 6)}
     os.close(a.fd)
+
+
+def test_cpu_counters_shown_never_go_back_across_workers() -> None:
+    a = make()
+    b = Arena(a.fd)  # another worker
+    assert a.times_at_least(12345, (10, 5, 100)) == (10, 5, 100)
+    assert b.times_at_least(12345, (11, 5, 99)) == (11, 5, 100)  # idle stays at 100
+    assert a.times_at_least(999, (1, 1, 1)) == (1, 1, 1)  # another container: its own
+    assert a.times_at_least(12345, (9, 9, 9)) == (11, 9, 100)

@@ -38,6 +38,9 @@ SLOT_DATA = SLOT_SIZE - SLOT_HEAD.size
 COUNTERS = struct.Struct("<QQQ")  # opens errors fallbacks
 COUNTERS_SIZE = 64
 LOADS_AREA = 512 * 1024  # two buffers of half this size
+TIMES_ENTRIES = 4096
+TIMES_ENTRY = struct.Struct("<QQQQQ")  # key user system idle check
+TIMES_PROBES = 8
 MAX_ATTEMPTS = 3
 
 FREE = 0
@@ -71,8 +74,12 @@ class Layout:
         return _align(self.states_off + self.slots, 4096)
 
     @property
-    def seats_off(self) -> int:
+    def times_off(self) -> int:
         return self.loads_off + LOADS_AREA
+
+    @property
+    def seats_off(self) -> int:
+        return self.times_off + TIMES_ENTRIES * TIMES_ENTRY.size
 
     @property
     def slots_off(self) -> int:
@@ -251,6 +258,31 @@ class Arena:
         (k,) = struct.unpack_from("<H", self.mem, self.slots_off + slot * SLOT_SIZE + 24)
         k = max(1, min(k, self.slots - slot))
         self.mem[self.states_off + slot : self.states_off + slot + k] = b"\0" * k
+
+    # ---- the last CPU counters shown per container ----------------------------------
+    def times_at_least(self, key: int, values: tuple[int, int, int]) -> tuple[int, int, int]:
+        """`values` raised to the last counters any worker showed for container `key`,
+        and remembered: /proc/stat counters never go back, whichever worker answers.
+        Two workers racing on one entry can lose an update (the worker's own memory still
+        applies); an entry torn by such a race fails its check and is ignored, so one
+        container's counters never leak into another's."""
+        base = self.layout.times_off
+        size = TIMES_ENTRY.size
+        first_free = -1
+        for probe in range(TIMES_PROBES):
+            off = base + ((key + probe) % TIMES_ENTRIES) * size
+            k, u, s, i, check = TIMES_ENTRY.unpack_from(self.mem, off)
+            if k == key and check == (k ^ u ^ s ^ i):
+                values = (max(values[0], u), max(values[1], s), max(values[2], i))
+                first_free = off
+                break
+            if k == 0 and first_free < 0:
+                first_free = off
+        if first_free < 0:  # all probed entries taken: replace the first
+            first_free = base + (key % TIMES_ENTRIES) * size
+        u, s, i = values
+        TIMES_ENTRY.pack_into(self.mem, first_free, key, u, s, i, key ^ u ^ s ^ i)
+        return values
 
     # ---- published loads -------------------------------------------------------------
     def publish_loads(self, table: dict[str, tuple[int, ...]]) -> None:

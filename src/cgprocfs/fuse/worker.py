@@ -13,6 +13,7 @@ inherited descriptors and environment variables (see Worker.from_environment).
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from cgprocfs.fuse import abi
 from cgprocfs.fuse.arena import MAX_ATTEMPTS, Arena
 from cgprocfs.fuse.child import die_with_supervisor, signal_ready
 from cgprocfs.fuse.loads import SharedLoads
+from cgprocfs.render.cpu import CpuTimes
 from cgprocfs.resolve import Resolver
 from cgprocfs.snapshot import RenderOptions
 from cgprocfs.views import Renderer, available_views
@@ -64,6 +66,13 @@ def build_renderer(cfg: Config, loads_fd: int | None, arena: Arena) -> Renderer:
     resolver.host.max_age = cfg.host_max_age
     if loads_fd is not None:
         renderer.loads = SharedLoads(arena, loads_fd)  # type: ignore[assignment]
+
+    def shared_times(key: tuple[str, float], times: CpuTimes) -> CpuTimes:
+        digest = hashlib.blake2b(f"{key[0]}\0{key[1]}".encode(), digest_size=8).digest()
+        h = int.from_bytes(digest, "little") or 1
+        return CpuTimes(*arena.times_at_least(h, (times.user, times.system, times.idle)))
+
+    renderer.shared_times = shared_times
     return renderer
 
 
