@@ -429,8 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         f"| stopped because | {stop_reason} |",
         f"| duration | {g('duration_s', '.0f')} s |",
         f"| opens | {total_opens:,} (mean {g('mean_opens_per_s', ',.0f')}/s) |",
-        f"| cgroups created / removed during the run | {created} / {removed} "
-        f"(forced out: {forced}) |",
+        f"| cgroups created (incl. the {args.cgroups} at the start) / removed during the run "
+        f"| {created} / {removed} (forced out: {forced}) |",
         f"| errors (failed open/read/close) | {errors} |",
         f"| verified responses / wrong for their caller | {verified:,} / {bad} |",
         f"| daemon RSS (sum over its processes) at open #{g('opens_at_mark_sample', ',')} → end "
