@@ -7,8 +7,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
+# cgprocfs itself needs only python3 and python3-venv (pure Python, no libfuse: it mounts
+# with mount(2) and speaks the FUSE protocol itself). The rest is for the tests and
+# benchmarks: gcc and gcc-multilib build the static (and 32-bit) sysinfo(2) callers,
+# python3-dev lets pip build a test dependency from source where no wheel fits.
 DEB_PACKAGES=(
-  python3 python3-venv python3-dev gcc pkg-config libfuse3-dev fuse3
+  python3 python3-venv python3-dev gcc
   procps busybox htop sysstat lxcfs user-mode-linux strace tmux util-linux
   runc gcc-multilib
 )

@@ -11,10 +11,9 @@ in the image                       Dockerfile                          here
                                                                        runs the tests (its
                                                                        stdlib minus test/,
                                                                        idlelib, tkinter...)
-/opt/cgprocfs (venv, cgprocfs and  ``pip install .`` in the build      ``pip install
-pyfuse3, trio, psutil)             stage                               --target`` of the
+/opt/cgprocfs (venv, cgprocfs;     ``pip install`` of the build        ``pip install
+no other Python package)           context                             --target`` of the
                                                                        repository
-libfuse3, fusermount3              apt-get install fuse3 libfuse3-3    the host's, via ldd
 umount, mountpoint, nsenter        util-linux in the base image        the host's, via ldd
 /bin/sh and small tools            dash, coreutils, grep               static busybox
 shared libraries                   Debian packages                     the host's, via ldd
@@ -43,9 +42,9 @@ from tests.guest.packages import DEFAULT_CACHE, _locked, _static_busybox
 
 REPO_ROOT = dockerfile.REPO_ROOT
 VENV = "/opt/cgprocfs"
-# util-linux and fuse3 programs the image carries (the Kubernetes init container uses
-# umount and mountpoint, the DaemonSet nsenter).
-HOST_TOOLS = ("umount", "mount", "mountpoint", "nsenter", "fusermount3")
+# util-linux programs the image carries (the Kubernetes init container uses umount and
+# mountpoint, the DaemonSet nsenter). No fusermount: the daemon mounts with mount(2).
+HOST_TOOLS = ("umount", "mount", "mountpoint", "nsenter")
 # Parts of the standard library a daemon never imports (python:3.11-slim drops most of
 # them too); __pycache__ keeps only the plain .pyc files.
 _STDLIB_SKIP = frozenset({"site-packages", "dist-packages", "test", "idlelib", "tkinter",
@@ -170,10 +169,8 @@ def _stage_tools(stage: Path, cache_dir: Path) -> None:
     for name in HOST_TOOLS:
         found = shutil.which(name, path="/usr/bin:/bin:/usr/sbin:/sbin")
         if found is None:
-            raise RuntimeError(f"{name} is missing on this machine (util-linux, mount, fuse3)")
-        _copy(Path(found), stage / "usr/bin" / name, 0o4755 if name == "fusermount3" else None)
-    if Path("/etc/fuse.conf").exists():
-        _copy(Path("/etc/fuse.conf"), stage / "etc/fuse.conf", 0o644)
+            raise RuntimeError(f"{name} is missing on this machine (util-linux, mount)")
+        _copy(Path(found), stage / "usr/bin" / name)
     busybox = _static_busybox(cache_dir)
     _copy(busybox, stage / "bin/busybox", 0o755)
     applets = subprocess.run(
@@ -259,14 +256,17 @@ def _smoke_test(stage: Path) -> None:
         )
         if done.returncode != 0:
             raise RuntimeError(f"in the staged rootfs, {cmd} failed:\n{done.stderr}")
-    # pyfuse3 (and with it libfuse3) must load, not only the CLI.
+    # What the supervisor runs must import too, not only the CLI: the supervisor itself,
+    # its workers and the load sampler (python -m cgprocfs.fuse.worker / .loads), with the
+    # standard library modules they load (ctypes for mount(2), mmap for the arena).
+    modules = "cgprocfs.fuse.supervisor, cgprocfs.fuse.worker, cgprocfs.fuse.loads"
     done = subprocess.run(
-        [chroot, str(stage), f"{VENV}/bin/python", "-c", "import pyfuse3, trio, psutil"],
+        [chroot, str(stage), f"{VENV}/bin/python", "-c", f"import {modules}"],
         capture_output=True,
         text=True,
     )
     if done.returncode != 0:
-        raise RuntimeError(f"in the staged rootfs, importing pyfuse3 failed:\n{done.stderr}")
+        raise RuntimeError(f"in the staged rootfs, importing {modules} failed:\n{done.stderr}")
 
 
 def build_daemon_rootfs_tarball(cache_dir: Path = DEFAULT_CACHE) -> Path:
