@@ -287,8 +287,12 @@ def force_unmount(mountpoint: Path) -> None:
 @contextlib.contextmanager
 def running_daemon(args: Sequence[str] = (), module: Sequence[str] = ("-m", "cgprocfs"),
                    mountpoint: Path | None = None,
-                   env: dict[str, str] | None = None) -> Iterator[Daemon]:
-    """`cgprocfs serve` on a fresh mountpoint; SIGTERM and unmount afterwards."""
+                   env: dict[str, str] | None = None,
+                   sysinfo: bool = False) -> Iterator[Daemon]:
+    """`cgprocfs serve` on a fresh mountpoint; SIGTERM and unmount afterwards. Without
+    `sysinfo`, no sysinfo agent (it would take the host's one socket path)."""
+    if not sysinfo:
+        args = ["--no-sysinfo", *args]
     tmp = Path(tempfile.mkdtemp(prefix="cgprocfs-test-"))
     mp = mountpoint or tmp / "mnt"
     log_path = tmp / "daemon.log"

@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-cpu-quota", dest="cpu_quota", action="store_false", default=None,
                    help="count visible CPUs from cpusets only, ignoring CFS quotas")
     s.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
+    s.add_argument("--no-sysinfo", dest="sysinfo", action="store_false",
+                   help="do not run the sysinfo(2) agent (docs/sysinfo.md)")
 
     c = sub.add_parser("check-config", help="validate the configuration and print it")
     c.add_argument("--quiet", "-q", action="store_true")
@@ -137,7 +139,7 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
         from cgprocfs.serve import ServeOptions, StartupError, serve
 
         try:
-            return serve(ServeOptions(cfg, debug_fuse=args.debug_fuse))
+            return serve(ServeOptions(cfg, debug_fuse=args.debug_fuse, sysinfo=args.sysinfo))
         except StartupError as exc:
             print(f"cgprocfs: {exc}", file=sys.stderr)
             return 1

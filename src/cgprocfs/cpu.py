@@ -144,6 +144,8 @@ class CpuReader:
         self._oldest: dict[str, tuple[int, float]] = {}
         self._tasks = TtlCache[tuple[str, int], tuple[int, int, int, int]](self.TASKS_MAX_AGE)
         self._quotas = TtlCache[str, float | None](self.QUOTA_MAX_AGE)
+        # cpusets and the online list are configuration, like quotas: same bound.
+        self._cpusets = TtlCache[str, tuple[int, ...]](self.QUOTA_MAX_AGE)
 
     def at_root(self, procs: ProcCgroups) -> bool:
         """A caller at the root of every CPU hierarchy sees the host's CPU files."""
@@ -157,9 +159,10 @@ class CpuReader:
 
     def cpus(self, procs: ProcCgroups) -> tuple[int, ...]:
         """The host CPUs a caller sees, in order: its cpuset ∩ online, cut by its quota."""
-        cpuset = self._cpuset(procs, self.online())
+        key = (procs.path_in(self.cpuset) or "/") if self.cpuset is not None else ""
+        cpuset = self._cpusets.get(key, lambda: tuple(self._cpuset(procs, self.online())))
         quota = self._quota(procs) if self.use_quota else None
-        return tuple(cpuset[: visible_count(cpuset, quota)])
+        return cpuset[: visible_count(list(cpuset), quota)]
 
     def view(self, procs: ProcCgroups, container: Callable[[Hierarchy, str], str],
              ns_init: int | None) -> CpuView:

@@ -234,7 +234,8 @@ class PrivateDaemon:
     def start(self, extra_args: Sequence[str] = ()) -> None:
         with open(self.log_path, "wb") as logf:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cgprocfs", "serve", *extra_args, self.mountpoint],
+                [sys.executable, "-m", "cgprocfs", "serve", "--no-sysinfo", *extra_args,
+                 self.mountpoint],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )

@@ -29,6 +29,7 @@ class StartupError(Exception):
 class ServeOptions:
     config: Config
     debug_fuse: bool = False
+    sysinfo: bool = True  # run the sysinfo(2) agent as one of the supervisor's processes
 
 
 def select_views(cfg: Config) -> tuple[View, ...]:
@@ -190,6 +191,8 @@ def serve(opts: ServeOptions) -> int:
 
     sup = sv.Supervisor(cfg, conn, mountpoint, workers, unmount, keep_mount=keep_mount,
                         debug_fuse=opts.debug_fuse)
+    if opts.sysinfo:
+        sup.enable_sysinfo(state.get("kept") if state else None)  # type: ignore[arg-type]
     sup.reexec_argv = [sys.executable, "-m", "cgprocfs", *sys.argv[1:]]
     if state is not None:
         sv.adopt(sup, state)

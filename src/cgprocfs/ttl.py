@@ -16,6 +16,7 @@ class TtlCache(Generic[K, V]):
         self.max_age = max_age
         self.max_entries = max_entries
         self._entries: dict[K, tuple[float, V]] = {}
+        self._inserts = 0
 
     def get(self, key: K, load: Callable[[], V]) -> V:
         now = time.monotonic()
@@ -23,7 +24,15 @@ class TtlCache(Generic[K, V]):
         if hit is not None and now - hit[0] < self.max_age:
             return hit[1]
         value = load()
-        if len(self._entries) >= self.max_entries:
-            self._entries.clear()
+        self._inserts += 1
+        if self._inserts % 512 == 0 or len(self._entries) >= self.max_entries:
+            self._purge(now)
         self._entries[key] = (now, value)
         return value
+
+    def _purge(self, now: float) -> None:
+        """Drop what has expired (keys of removed cgroups and exited pids would otherwise
+        pile up until the size bound); clear all if it is still full."""
+        self._entries = {k: e for k, e in self._entries.items() if now - e[0] < self.max_age}
+        if len(self._entries) >= self.max_entries:
+            self._entries.clear()

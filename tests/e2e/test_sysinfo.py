@@ -4,6 +4,7 @@ listenerPath, and callers that keep calling while the agent is killed and restar
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -26,6 +27,7 @@ from support import (
     memory_hierarchy,
     own_cgroup_path,
     parse_free_b,
+    running_daemon,
 )
 from sysinfo_support import (
     attached,
@@ -270,6 +272,51 @@ def test_agent_restarts_leave_callers_waiting_not_failing(root_fuse: None) -> No
         res = subprocess.run(attached(ct, agent.socket, ["getconf", "_PHYS_PAGES"]),
                              capture_output=True, text=True, timeout=60)
         assert int(res.stdout) * PAGE == LIMIT, res
+
+
+def test_the_daemons_own_agent_survives_sigkill(root_fuse: None, tmp_path: Path) -> None:
+    """`cgprocfs serve` runs the agent as one of its processes and keeps its descriptors:
+    SIGKILL to the agent three times while a container loops on sysinfo: no ENOSYS, no
+    wrong figure."""
+    sock = tmp_path / "seccomp.sock"
+    env = {**os.environ, "CGPROCFS_SYSINFO_SOCKET": str(sock)}
+
+    def agent_pid(d: Daemon) -> int | None:
+        for task in Path(f"/proc/{d.proc.pid}/task").iterdir():
+            for c in (task / "children").read_text().split():
+                with contextlib.suppress(OSError):
+                    if b"sysinfo-agent" in Path(f"/proc/{c}/cmdline").read_bytes():
+                        return int(c)
+        return None
+
+    with running_daemon(env=env, sysinfo=True) as d, make_container(memory=LIMIT) as ct:
+        deadline = time.monotonic() + 20
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        caller = subprocess.Popen(attached(ct, sock, ["python3", "-c", CALL_LOOP, "6",
+                                                      str(LIMIT)]),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1.0)
+            for _ in range(3):
+                old = agent_pid(d)
+                assert old is not None, d.log()
+                os.kill(old, signal.SIGKILL)
+                deadline = time.monotonic() + 10
+                while agent_pid(d) in (None, old) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                time.sleep(1.0)
+            out, err = caller.communicate(timeout=60)
+        finally:
+            if caller.poll() is None:
+                caller.kill()
+                caller.wait()
+        assert caller.returncode == 0, err + d.log()
+        result = json.loads(out)
+        print(f"calls {result['calls']}, longest call {result['gap'] * 1000:.0f} ms")
+        assert result["errors"] == {}, result
+        assert result["wrong"] == [], result
+        assert "sysinfo" in d.log() and "ended with signal 9" in d.log()
 
 
 def _runc_cgroups_path(name: str) -> str:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from cgprocfs.config import Config
 from cgprocfs.fuse.arena import Arena
 from cgprocfs.fuse.worker import config_to_json
+from cgprocfs.keeper import Keeper
 
 log = logging.getLogger("cgprocfs.supervisor")
 
@@ -94,6 +95,7 @@ class Supervisor:
         self.failures: dict[int, int] = {}
         self.delayed: list[tuple[float, str, int]] = []  # (when, role, seat)
         self.reexec_argv: list[str] | None = None
+        self.keeper: Keeper | None = None  # holds the sysinfo agent's descriptors
         self.upgrade = False  # replace every adopted process once running (after re-exec)
 
     # ---- processes -------------------------------------------------------------------
@@ -121,15 +123,49 @@ class Supervisor:
         pipe (one byte when it serves, EOF if it dies first)."""
         r, w = os.pipe()
         os.set_inheritable(w, True)
-        module = "cgprocfs.fuse.worker" if role == "worker" else "cgprocfs.fuse.loads"
         try:
-            pid = os.posix_spawn(sys.executable, [sys.executable, "-m", module],
-                                 self._env(seat, w))
+            if role == "sysinfo":
+                pid = self._spawn_sysinfo(w)
+            else:
+                module = "cgprocfs.fuse.worker" if role == "worker" else "cgprocfs.fuse.loads"
+                pid = os.posix_spawn(sys.executable, [sys.executable, "-m", module],
+                                     self._env(seat, w))
         finally:
             os.close(w)
         child = Child(pid, role, seat, ready_fd=r)
         self.children[pid] = child
         return child, r
+
+    def enable_sysinfo(self, kept: dict[str, int] | None) -> None:
+        """Run the sysinfo agent (docs/sysinfo.md) as one of our processes. Its
+        descriptors (socket, in-flight page, every container's seccomp listener) are kept
+        here, so a restarted agent answers the same containers."""
+        from cgprocfs.sysinfo.oci import reachable
+
+        if not kept and reachable(self.cfg.sysinfo_socket):
+            log.info("a sysinfo agent already answers at %s; not starting one",
+                     self.cfg.sysinfo_socket)
+            return
+        self.keeper = Keeper()
+        for name, fd in (kept or {}).items():
+            self.keeper.fds[name] = fd
+
+    def _spawn_sysinfo(self, ready_w: int) -> int:
+        assert self.keeper is not None
+        pass_fds, env = self.keeper.child_args(prefix="sysinfo.")
+        argv = [sys.executable, "-m", "cgprocfs", "sysinfo-agent",
+                "--socket", self.cfg.sysinfo_socket]
+        if self.cfg.hide_swap:
+            argv.append("--hide-swap")
+        if not self.cfg.cpu_quota:
+            argv.append("--no-cpu-quota")
+        full = {**self._env(-1, ready_w), **env}
+        full.pop("CGPROCFS_SEAT", None)
+        # The agent has no ready message: it serves once started (a start-up failure is
+        # caught by its short life, see reap()).
+        os.write(ready_w, b"R")
+        proc = subprocess.Popen(argv, env=full, pass_fds=pass_fds, stdin=subprocess.DEVNULL)
+        return proc.pid
 
     def wait_ready(self, r: int, timeout: float = READY_TIMEOUT) -> bool:
         try:
@@ -175,6 +211,9 @@ class Supervisor:
         pipes = [self.spawn("worker", s)[1] for s in seats]
         if not any(c.role == "sampler" for c in self.children.values()):
             pipes.append(self.spawn("sampler", -1)[1])
+        if self.keeper is not None and not any(c.role == "sysinfo"
+                                               for c in self.children.values()):
+            pipes.append(self.spawn("sysinfo", -2)[1])
         for r in pipes:
             self.wait_ready(r)
 
@@ -183,7 +222,7 @@ class Supervisor:
         replacement is ready. Returns False (old ones keep serving) if one fails."""
         old = [c for c in self.children.values() if not c.retiring]
         for child in old:
-            seat = self.free_seat() if child.role == "worker" else -1
+            seat = self.free_seat() if child.role == "worker" else child.seat
             new, r = self.spawn(child.role, seat)
             if not self.wait_ready(r):
                 log.error("reload: the new %s did not start; the running ones keep "
@@ -225,7 +264,8 @@ class Supervisor:
             # A process that served is replaced at once (readers are waiting). One that
             # dies before it serves, again and again (a broken install), is started again
             # with a growing delay instead of in a tight loop.
-            failed_start = not child.ready and not os.WIFSIGNALED(status)
+            lived = time.monotonic() - child.started
+            failed_start = (not child.ready or lived < 1.0) and not os.WIFSIGNALED(status)
             self.failures[key] = self.failures.get(key, 0) + 1 if failed_start else 0
             delay = 0.0 if self.failures[key] <= 1 else min(5.0, 0.1 * 2 ** self.failures[key])
             self.delayed.append((time.monotonic() + delay, child.role, child.seat))
@@ -259,10 +299,17 @@ class Supervisor:
             if self.delayed:
                 timeout = max(0.0, min(d[0] for d in self.delayed) - time.monotonic())
             waiting = [c.ready_fd for c in self.children.values() if c.ready_fd >= 0]
+            if self.keeper is not None:
+                waiting.append(self.keeper.fileno())
             readable: list[int] = []
             with contextlib.suppress(InterruptedError):
                 readable, _, _ = select.select([wake_r, *waiting], [], [], timeout)
             self.check_ready(readable)
+            if self.keeper is not None and self.keeper.fileno() in readable:
+                try:
+                    self.keeper.receive()
+                except Exception:
+                    log.exception("keeper: a message could not be read")
             try:
                 signums = os.read(wake_r, 256)
             except BlockingIOError:
@@ -297,7 +344,11 @@ class Supervisor:
             log.info("SIGHUP: workers replaced" if ok else "SIGHUP: reload failed")
             sd_notify("READY=1")
             return
+        kept = dict(self.keeper.fds) if self.keeper is not None else {}
+        for fd in kept.values():
+            os.set_inheritable(fd, True)
         state = {
+            "kept": kept,
             "fuse": self.conn.fuse_fd, "arena": self.conn.arena.fd,
             "loads_r": self.conn.loads_r, "loads_w": self.conn.loads_w,
             "children": [[c.pid, c.role, c.seat, c.retiring] for c in self.children.values()],

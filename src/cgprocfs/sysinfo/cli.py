@@ -11,11 +11,14 @@ from cgprocfs.config import Config
 
 def agent(cfg: Config, max_age: float | None = None) -> int:
     from cgprocfs.cgroups import load_layout
+    from cgprocfs.fuse.child import die_with_supervisor
     from cgprocfs.resolve import Resolver
     from cgprocfs.snapshot import RenderOptions
     from cgprocfs.sysinfo.agent import serve
     from cgprocfs.sysinfo.values import VALUES_MAX_AGE, SysinfoSource
 
+    if os.environ.get("CGPROCFS_SUPERVISOR"):
+        die_with_supervisor()  # run by `cgprocfs serve`: it holds our descriptors
     resolver = Resolver(load_layout(), use_quota=cfg.cpu_quota)
     source = SysinfoSource(resolver, RenderOptions(cfg.hide_swap),
                            VALUES_MAX_AGE if max_age is None else max_age)
