@@ -165,7 +165,7 @@ class CpuReader:
         return cpuset[: visible_count(list(cpuset), quota)]
 
     def view(self, procs: ProcCgroups, container: Callable[[Hierarchy, str], str],
-             ns_init: int | None) -> CpuView:
+             ns_init: int | None, light: bool = False) -> CpuView:
         cpus = self.cpus(procs)
         acct = self.cpuacct or self.cpu
         if acct is None:
@@ -175,9 +175,13 @@ class CpuReader:
         d = acct.directory(path)
         if d is None:
             raise OddCgroupData(f"cgroup {path} is outside the mounted hierarchy")
-        user_us, system_us = self._usage(acct, d)
         now = host_uptime()
-        start = self._start(d, acct.version, ns_init, now)
+        if light:
+            user_us = system_us = 0
+            start = now
+        else:
+            user_us, system_us = self._usage(acct, d)
+            start = self._start(d, acct.version, ns_init, now)
         running, blocked, threads, _ = self._tasks.get(
             (d, acct.version), lambda: task_states(d, acct.version))
         return CpuView(acct.version, path, cpus, user_us, system_us, start, now,

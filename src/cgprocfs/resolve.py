@@ -259,7 +259,8 @@ class Resolver:
         procs = parse_proc_cgroup(read_small(f"{self.proc}/{pid}/cgroup"))
         return None if self.cpu.at_root(procs) else self.cpu.cpus(procs)
 
-    def cpu_snapshot(self, pid: int) -> CpuSnapshot:
+    def cpu_snapshot(self, pid: int, light: bool = False) -> CpuSnapshot:
+        """`light`: only which container and CPUs (loadavg needs no CPU time or age)."""
         if pid <= 0:
             return CpuSnapshot(None, self.host_stat, "")
         caller = read_small(f"{self.proc}/{pid}/cgroup")
@@ -267,7 +268,7 @@ class Resolver:
         if self.cpu.at_root(procs):
             return CpuSnapshot(None, self.host_stat, "", caller)
         view = self.cpu.view(procs, lambda h, own: self.container_path(pid, h, own),
-                             self.namespace_init(pid))
+                             self.namespace_init(pid), light=light)
         return CpuSnapshot(view, self.host_stat, self.host_cpuinfo(), caller)
 
     def host_memory(self) -> HostMemory:

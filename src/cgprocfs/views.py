@@ -216,20 +216,23 @@ class Renderer:
 
     def _render_cpu(self, view: View, render: CpuRenderer, pid: int) -> Rendered:
         try:
-            snap = self.resolver.cpu_snapshot(pid)
+            snap = self.resolver.cpu_snapshot(pid, light=view.needs_load)
         except (OSError, OddCgroupData, ValueError, IndexError) as exc:
             self.fallbacks += 1
             self._warn_once(pid, exc)
             return Rendered(read_small(view.host_path).encode(), "")
         if snap.view is None:
             return Rendered(read_small(view.host_path).encode(), snap.caller)
-        key = (snap.view.cgroup, snap.view.start)
-        times = cpu_times(snap.view).at_least(self._times.get(key))
-        if self.shared_times is not None:
-            times = self.shared_times(key, times)
-        if len(self._times) > 8192:
-            self._times.clear()
-        self._times[key] = times
+        if view.needs_load:  # a light snapshot: no CPU times to show or to remember
+            times = CpuTimes(0, 0, 0)
+        else:
+            key = (snap.view.cgroup, snap.view.start)
+            times = cpu_times(snap.view).at_least(self._times.get(key))
+            if self.shared_times is not None:
+                times = self.shared_times(key, times)
+            if len(self._times) > 8192:
+                self._times.clear()
+            self._times[key] = times
         load = self.loads.read(snap.view.directory, snap.view.version, pid) \
             if view.needs_load \
             else None
