@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from cgprocfs.cpu import task_states
 
@@ -48,6 +49,23 @@ class Load:
         a = " ".join(format_load(x) for x in self.averages)
         return f"{a} {max(1, self.running)}/{self.threads} {self.last_pid}\n"
 
+    @classmethod
+    def current(cls, directory: str, version: int, reader: int = 0) -> Load:
+        """A cgroup seen for the first time: its current count in all three averages (not
+        counting the `reader` thread, which is running right now)."""
+        running, blocked, threads, last_pid = task_states(directory, version, reader)
+        active = (running + blocked) * FIXED_1
+        return cls([active, active, active], running, threads, last_pid)
+
+
+class LoadSource(Protocol):
+    """Where a view's load averages come from: a LoadTracker of one's own, or the load
+    sampler's table shared by every worker (cgprocfs.fuse.loads.SharedLoads)."""
+
+    def read(self, directory: str, version: int, reader: int = 0) -> Load: ...
+
+    def sample(self) -> int: ...
+
 
 class LoadTracker:
     def __init__(self) -> None:
@@ -60,12 +78,19 @@ class LoadTracker:
         key = (directory, version)
         load = self._loads.get(key)
         if load is None:
-            running, blocked, threads, last_pid = task_states(directory, version, reader)
-            active = (running + blocked) * FIXED_1
-            load = Load([active, active, active], running, threads, last_pid)
-            self._loads[key] = load
+            load = self._loads[key] = Load.current(directory, version, reader)
         load.last_read = time.monotonic()
         return load
+
+    def tracks(self, directory: str, version: int) -> bool:
+        return (directory, version) in self._loads
+
+    def items(self) -> list[tuple[tuple[str, int], Load]]:
+        return list(self._loads.items())
+
+    def adopt(self, directory: str, version: int, load: Load) -> None:
+        """Continue averages kept elsewhere (a restarted sampler's published table)."""
+        self._loads[(directory, version)] = load
 
     def sample(self) -> int:
         """One sampling cycle over the tracked cgroups; returns how many were sampled."""

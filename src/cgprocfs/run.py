@@ -28,7 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cgprocfs.cgroups import Hierarchy, Layout, load_layout, read_proc_cgroup
-from cgprocfs.serve import DEFAULT_MOUNTPOINT, lazy_unmount, libc, mounted_at
+from cgprocfs.libc import libc
+from cgprocfs.serve import DEFAULT_MOUNTPOINT, lazy_unmount, mounted_at
 from cgprocfs.views import VIEWS, available_views, bind_targets
 
 log = logging.getLogger(__name__)
@@ -219,8 +220,61 @@ def serving_mountpoint(path: str = DEFAULT_MOUNTPOINT) -> bool:
         return False
 
 
-class PrivateDaemon:
-    """A `cgprocfs serve` on a temporary mountpoint, for the life of one `run`."""
+def cannot_start(command: str, exc: OSError, program: str) -> int:
+    """The shell's exit status for a program that cannot be started (127: not found,
+    126: not executable), with a one-line message."""
+    if isinstance(exc, FileNotFoundError):
+        print(f"cgprocfs {command}: command not found: {program}", file=sys.stderr)
+        return 127
+    print(f"cgprocfs {command}: permission denied: {program}", file=sys.stderr)
+    return 126
+
+
+class _PrivateProcess:
+    """A cgprocfs process of our own for the life of one `run`: started in its own
+    session with its output in a log file, waited for until `ready()`, stopped after."""
+
+    what = ""
+    log_path = ""
+    proc: subprocess.Popen[bytes] | None = None
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def _launch(self, argv: Sequence[str]) -> None:
+        with open(self.log_path, "wb") as logf:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "cgprocfs", *argv],
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.ready():
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        with open(self.log_path, errors="replace") as f:
+            tail = f.read()[-2000:]
+        self.stop()
+        raise RunError(f"the private {self.what} did not come up:\n{tail}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class PrivateDaemon(_PrivateProcess):
+    """A `cgprocfs serve` on a temporary mountpoint (its own sysinfo agent is left out:
+    `run` has a PrivateAgent for that when no agent answers)."""
+
+    what = "cgprocfs daemon"
 
     def __init__(self) -> None:
         base = "/run/cgprocfs" if os.path.isdir("/run") else None
@@ -229,36 +283,15 @@ class PrivateDaemon:
         self.dir = tempfile.mkdtemp(prefix="run-", dir=base)
         self.mountpoint = os.path.join(self.dir, "mnt")
         self.log_path = os.path.join(self.dir, "daemon.log")
-        self.proc: subprocess.Popen[bytes] | None = None
+
+    def ready(self) -> bool:
+        return serving_mountpoint(self.mountpoint)
 
     def start(self, extra_args: Sequence[str] = ()) -> None:
-        with open(self.log_path, "wb") as logf:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cgprocfs", "serve", "--no-sysinfo", *extra_args,
-                 self.mountpoint],
-                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if serving_mountpoint(self.mountpoint):
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        with open(self.log_path, errors="replace") as f:
-            tail = f.read()[-2000:]
-        self.stop()
-        raise RunError(f"the private cgprocfs daemon did not come up:\n{tail}")
+        self._launch(["serve", "--no-sysinfo", *extra_args, self.mountpoint])
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        super().stop()
         if mounted_at(self.mountpoint) is not None:
             try:
                 lazy_unmount(self.mountpoint)
@@ -267,44 +300,22 @@ class PrivateDaemon:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class PrivateAgent:
+class PrivateAgent(_PrivateProcess):
     """A `cgprocfs sysinfo-agent` on a temporary socket, for the life of one `run`."""
+
+    what = "sysinfo agent"
 
     def __init__(self, directory: str) -> None:
         self.socket_path = os.path.join(directory, "seccomp.sock")
         self.log_path = os.path.join(directory, "sysinfo-agent.log")
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, extra_args: Sequence[str] = ()) -> None:
+    def ready(self) -> bool:
         from cgprocfs.sysinfo.oci import reachable
 
-        with open(self.log_path, "wb") as logf:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cgprocfs", "sysinfo-agent", "--socket",
-                 self.socket_path, *extra_args],
-                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if reachable(self.socket_path):
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        with open(self.log_path, errors="replace") as f:
-            tail = f.read()[-2000:]
-        self.stop()
-        raise RunError(f"the private sysinfo agent did not come up:\n{tail}")
+        return reachable(self.socket_path)
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    def start(self, extra_args: Sequence[str] = ()) -> None:
+        self._launch(["sysinfo-agent", "--socket", self.socket_path, *extra_args])
 
 
 def _enter(procs_files: list[str], binds: list[tuple[str, str]],
@@ -379,12 +390,8 @@ def run(cmd: Sequence[str], limits: Limits, serve_args: Sequence[str] = (),
         try:
             child = subprocess.Popen(list(cmd),
                                      preexec_fn=lambda: _enter(procs_files, binds, attach_to))
-        except FileNotFoundError:
-            print(f"cgprocfs run: command not found: {cmd[0]}", file=sys.stderr)
-            return 127
-        except PermissionError:
-            print(f"cgprocfs run: permission denied: {cmd[0]}", file=sys.stderr)
-            return 126
+        except (FileNotFoundError, PermissionError) as exc:
+            return cannot_start("run", exc, cmd[0])
         except subprocess.SubprocessError as exc:
             raise RunError(f"could not set up the cgroup and mounts for {cmd[0]}: {exc}") \
                 from exc

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 
 from cgprocfs.cgroups import load_layout
 from cgprocfs.config import Config
+from cgprocfs.libc import libc
 from cgprocfs.views import View, available_views
 
 log = logging.getLogger(__name__)
@@ -52,10 +52,6 @@ def sd_notify(message: str) -> None:
             s.sendall(message.encode())
     except OSError as exc:
         log.warning("sd_notify(%s) failed: %s", message, exc)
-
-
-def libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 def lazy_unmount(path: str) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from cgprocfs.cgroups import read_optional, read_small
 from cgprocfs.cpu import CpuView
-from cgprocfs.loadavg import Load, LoadTracker
+from cgprocfs.loadavg import Load, LoadSource, LoadTracker
 from cgprocfs.render.cpu import (
     CpuTimes,
     cpu_times,
@@ -193,7 +193,7 @@ class Renderer:
         self._times: dict[tuple[str, float], CpuTimes] = {}
         # Set by workers: the same memory shared by every worker process.
         self.shared_times: Callable[[tuple[str, float], CpuTimes], CpuTimes] | None = None
-        self.loads = LoadTracker()
+        self.loads: LoadSource = LoadTracker()
 
     def render(self, view: View, pid: int) -> bytes:
         return self.render_for(view, pid).data

@@ -18,15 +18,18 @@ import socket
 import sys
 import time
 
-from cgprocfs.cpu import task_states
 from cgprocfs.fuse.arena import Arena
-from cgprocfs.fuse.child import die_with_supervisor, signal_ready
-from cgprocfs.loadavg import FIXED_1, SAMPLE_INTERVAL, Load, LoadTracker
+from cgprocfs.fuse.child import (
+    ENV_ARENA_FD,
+    ENV_LOADS_FD,
+    ENV_LOG_LEVEL,
+    die_with_supervisor,
+    signal_ready,
+)
+from cgprocfs.loadavg import SAMPLE_INTERVAL, Load, LoadTracker
 
 log = logging.getLogger("cgprocfs.loads")
 
-ENV_ARENA_FD = "CGPROCFS_ARENA_FD"
-ENV_LOADS_FD = "CGPROCFS_LOADS_FD"
 # A worker reminds the sampler of a cgroup it shows at most this often (the sampler
 # forgets cgroups nobody asked about for loadavg.RETENTION seconds).
 REMIND_EVERY = 60.0
@@ -47,6 +50,10 @@ class SharedLoads:
         self._table: dict[str, tuple[int, ...]] = {}
         self._reminded: dict[str, float] = {}
 
+    def sample(self) -> int:
+        """The sampler process samples; nothing to do here (LoadTracker's interface)."""
+        return 0
+
     def read(self, directory: str, version: int, reader: int = 0) -> Load:
         key = _key(directory, version)
         if self.arena.loads_version() != self._version:
@@ -61,18 +68,15 @@ class SharedLoads:
             if len(self._reminded) > 100_000:
                 self._reminded.clear()
         entry = self._table.get(key)
-        if entry is None:
-            # Not sampled yet: its current count, as the sampler starts it.
-            running, blocked, threads, last_pid = task_states(directory, version, reader)
-            active = (running + blocked) * FIXED_1
-            return Load([active, active, active], running, threads, last_pid)
+        if entry is None:  # not sampled yet: its current count, as the sampler starts it
+            return Load.current(directory, version, reader)
         a1, a5, a15, running, threads, last_pid = entry
         return Load([a1, a5, a15], running, threads, last_pid)
 
 
 def publish(arena: Arena, tracker: LoadTracker) -> None:
     table = {_key(d, v): (*load.averages, load.running, load.threads, load.last_pid)
-             for (d, v), load in tracker._loads.items()}
+             for (d, v), load in tracker.items()}
     arena.publish_loads(table)
 
 
@@ -80,8 +84,7 @@ def restore(arena: Arena, tracker: LoadTracker) -> None:
     _, table = arena.read_loads()
     for key, (a1, a5, a15, running, threads, last_pid) in table.items():
         version, _, directory = key.partition(":")
-        tracker._loads[(directory, int(version))] = Load([a1, a5, a15], running, threads,
-                                                          last_pid)
+        tracker.adopt(directory, int(version), Load([a1, a5, a15], running, threads, last_pid))
 
 
 def run_sampler(arena: Arena, sock: socket.socket) -> None:
@@ -100,7 +103,7 @@ def run_sampler(arena: Arena, sock: socket.socket) -> None:
             key, _, reader = msg.decode(errors="replace").partition("\0")
             version, _, directory = key.partition(":")
             try:
-                new = (directory, int(version)) not in tracker._loads
+                new = not tracker.tracks(directory, int(version))
                 tracker.read(directory, int(version), int(reader or 0))
                 changed |= new
             except (OSError, ValueError):
@@ -122,7 +125,7 @@ def run_sampler(arena: Arena, sock: socket.socket) -> None:
 
 
 def main() -> int:
-    logging.basicConfig(level=os.environ.get("CGPROCFS_LOG_LEVEL", "INFO").upper(),
+    logging.basicConfig(level=os.environ.get(ENV_LOG_LEVEL, "INFO").upper(),
                         format="cgprocfs[%(process)d] %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

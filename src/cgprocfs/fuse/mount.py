@@ -12,6 +12,7 @@ import os
 import stat
 
 from cgprocfs.fuse import abi
+from cgprocfs.libc import libc
 
 MS_RDONLY = 1
 MS_NOSUID = 2
@@ -22,10 +23,6 @@ class MountError(Exception):
     pass
 
 
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
 def mount_fuse(mountpoint: str, fsname: str, subtype: str) -> int:
     """Mount a fresh FUSE connection at `mountpoint`; returns its /dev/fuse descriptor
     (inheritable: workers and re-executed supervisors get it)."""
@@ -34,7 +31,7 @@ def mount_fuse(mountpoint: str, fsname: str, subtype: str) -> int:
     mode = os.stat(mountpoint).st_mode
     opts = (f"fd={fd},rootmode={stat.S_IFMT(mode):o},user_id=0,group_id=0,"
             "allow_other,default_permissions")
-    ret = _libc().mount(fsname.encode(), mountpoint.encode(), f"fuse.{subtype}".encode(),
+    ret = libc().mount(fsname.encode(), mountpoint.encode(), f"fuse.{subtype}".encode(),
                         MS_RDONLY | MS_NOSUID | MS_NODEV, opts.encode())
     if ret != 0:
         e = ctypes.get_errno()

@@ -36,6 +36,17 @@ from dataclasses import dataclass, field
 
 from cgprocfs.config import Config
 from cgprocfs.fuse.arena import Arena
+from cgprocfs.fuse.child import (
+    ENV_ARENA_FD,
+    ENV_CONFIG,
+    ENV_DEBUG_FUSE,
+    ENV_FUSE_FD,
+    ENV_LOADS_FD,
+    ENV_LOG_LEVEL,
+    ENV_READY_FD,
+    ENV_SEAT,
+    ENV_SUPERVISOR,
+)
 from cgprocfs.fuse.worker import config_to_json
 from cgprocfs.keeper import Keeper
 
@@ -97,6 +108,7 @@ class Supervisor:
         self.reexec_argv: list[str] | None = None
         self.keeper: Keeper | None = None  # holds the sysinfo agent's descriptors
         self.upgrade = False  # replace every adopted process once running (after re-exec)
+        self.stopping = False
 
     # ---- processes -------------------------------------------------------------------
     def _env(self, seat: int, ready_fd: int) -> dict[str, str]:
@@ -105,22 +117,22 @@ class Supervisor:
         for k in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET"):
             env.pop(k, None)  # only the supervisor talks to systemd
         env.update({
-            "CGPROCFS_FUSE_FD": str(self.conn.fuse_fd),
-            "CGPROCFS_ARENA_FD": str(self.conn.arena.fd),
-            "CGPROCFS_SEAT": str(seat),
-            "CGPROCFS_READY_FD": str(ready_fd),
-            "CGPROCFS_LOADS_FD": str(self.conn.loads_w if seat >= 0 else self.conn.loads_r),
-            "CGPROCFS_CONFIG_JSON": config_to_json(self.cfg),
-            "CGPROCFS_LOG_LEVEL": self.cfg.log_level,
-            "CGPROCFS_SUPERVISOR": str(os.getpid()),
+            ENV_FUSE_FD: str(self.conn.fuse_fd),
+            ENV_ARENA_FD: str(self.conn.arena.fd),
+            ENV_SEAT: str(seat),
+            ENV_READY_FD: str(ready_fd),
+            ENV_LOADS_FD: str(self.conn.loads_w if seat >= 0 else self.conn.loads_r),
+            ENV_CONFIG: config_to_json(self.cfg),
+            ENV_LOG_LEVEL: self.cfg.log_level,
+            ENV_SUPERVISOR: str(os.getpid()),
         })
         if self.debug_fuse:
-            env["CGPROCFS_DEBUG_FUSE"] = "1"
+            env[ENV_DEBUG_FUSE] = "1"
         return env
 
-    def spawn(self, role: str, seat: int) -> tuple[Child, int]:
-        """Start a worker (or the sampler); returns it and the read end of its ready
-        pipe (one byte when it serves, EOF if it dies first)."""
+    def spawn(self, role: str, seat: int) -> Child:
+        """Start a worker, the sampler or the sysinfo agent; its ready pipe (one byte
+        when it serves, EOF if it dies first) is in `ready_fd` until settled."""
         r, w = os.pipe()
         os.set_inheritable(w, True)
         try:
@@ -134,7 +146,7 @@ class Supervisor:
             os.close(w)
         child = Child(pid, role, seat, ready_fd=r)
         self.children[pid] = child
-        return child, r
+        return child
 
     def enable_sysinfo(self, kept: dict[str, int] | None) -> None:
         """Run the sysinfo agent (docs/sysinfo.md) as one of our processes. Its
@@ -159,36 +171,40 @@ class Supervisor:
             argv.append("--hide-swap")
         if not self.cfg.cpu_quota:
             argv.append("--no-cpu-quota")
-        full = {**self._env(-1, ready_w), **env}
-        full.pop("CGPROCFS_SEAT", None)
+        # The workers' end of the load socket and the arena: the agent shows the very
+        # load averages /proc/loadavg shows.
+        full = {**self._env(0, ready_w), **env}
+        full.pop(ENV_SEAT, None)
+        pass_fds = [*pass_fds, self.conn.arena.fd, self.conn.loads_w]
         # The agent has no ready message: it serves once started (a start-up failure is
         # caught by its short life, see reap()).
         os.write(ready_w, b"R")
         proc = subprocess.Popen(argv, env=full, pass_fds=pass_fds, stdin=subprocess.DEVNULL)
         return proc.pid
 
-    def wait_ready(self, r: int, timeout: float = READY_TIMEOUT) -> bool:
-        try:
-            ready, _, _ = select.select([r], [], [], timeout)
-            ok = bool(ready) and os.read(r, 1) == b"R"
-        finally:
-            os.close(r)
-        for c in self.children.values():
-            if c.ready_fd == r:
-                c.ready, c.ready_fd = ok, -1
-        return ok
+    @staticmethod
+    def _settle(c: Child, readable: bool) -> None:
+        """Read a child's ready byte (if there is one to read) and close its pipe."""
+        if readable:
+            with contextlib.suppress(OSError):
+                c.ready = os.read(c.ready_fd, 1) == b"R"
+        os.close(c.ready_fd)
+        c.ready_fd = -1
+
+    def wait_ready(self, c: Child, timeout: float = READY_TIMEOUT) -> bool:
+        ready, _, _ = select.select([c.ready_fd], [], [], timeout)
+        self._settle(c, bool(ready))
+        return c.ready
 
     def check_ready(self, readable: list[int]) -> None:
         for c in self.children.values():
-            if c.ready_fd in readable:
-                with contextlib.suppress(OSError):
-                    c.ready = os.read(c.ready_fd, 1) == b"R"
-                os.close(c.ready_fd)
-                c.ready_fd = -1
+            if c.ready_fd >= 0 and c.ready_fd in readable:
+                self._settle(c, True)
 
-    def free_seat(self) -> int:
-        used = {c.seat for c in self.children.values()}
-        used |= {seat for _, _, seat in self.delayed}
+    def free_seat(self, exclude: set[int] | None = None) -> int:
+        """A seat no process uses or is about to use, and with no request left in it."""
+        used = {c.seat for c in self.children.values()}  # retiring ones still read
+        used |= {seat for _, _, seat in self.delayed} | (exclude or set())
         for seat in range(self.conn.arena.layout.seats):
             if seat not in used and not self.conn.arena.pending_length(seat):
                 return seat
@@ -198,24 +214,21 @@ class Supervisor:
         """Workers for every seat that holds an unanswered request, then up to the
         configured count, and the sampler; waits until all are serving."""
         arena = self.conn.arena
-        taken = {c.seat for c in self.children.values() if not c.retiring}
-        seats = [s for s in range(arena.layout.seats)
-                 if arena.pending_length(s) and s not in taken]
+        taken = {c.seat for c in self.children.values()}  # a live process answers its own
+        seats = {s for s in range(arena.layout.seats)
+                 if arena.pending_length(s) and s not in taken}
         serving = len([c for c in self.children.values()
                        if c.role == "worker" and not c.retiring])
         while serving + len(seats) < self.workers:
-            seat = next(s for s in range(arena.layout.seats)
-                        if s not in taken and s not in seats
-                        and not arena.pending_length(s))
-            seats.append(seat)
-        pipes = [self.spawn("worker", s)[1] for s in seats]
-        if not any(c.role == "sampler" for c in self.children.values()):
-            pipes.append(self.spawn("sampler", -1)[1])
-        if self.keeper is not None and not any(c.role == "sysinfo"
-                                               for c in self.children.values()):
-            pipes.append(self.spawn("sysinfo", -2)[1])
-        for r in pipes:
-            self.wait_ready(r)
+            seats.add(self.free_seat(exclude=seats))
+        started = [self.spawn("worker", s) for s in sorted(seats)]
+        roles = {c.role for c in self.children.values()}
+        if "sampler" not in roles:
+            started.append(self.spawn("sampler", -1))
+        if self.keeper is not None and "sysinfo" not in roles:
+            started.append(self.spawn("sysinfo", -2))
+        for c in started:
+            self.wait_ready(c)
 
     def replace_all(self) -> bool:
         """The rolling part of a reload: each old process is retired only after its
@@ -223,8 +236,8 @@ class Supervisor:
         old = [c for c in self.children.values() if not c.retiring]
         for child in old:
             seat = self.free_seat() if child.role == "worker" else child.seat
-            new, r = self.spawn(child.role, seat)
-            if not self.wait_ready(r):
+            new = self.spawn(child.role, seat)
+            if not self.wait_ready(new):
                 log.error("reload: the new %s did not start; the running ones keep "
                           "serving", child.role)
                 new.retiring = True
@@ -248,15 +261,12 @@ class Supervisor:
             if child is None:
                 continue
             if child.ready_fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(child.ready_fd)
+                self._settle(child, False)
             pending = child.seat >= 0 and self.conn.arena.pending_length(child.seat)
-            if child.retiring and not pending:
+            if self.stopping or (child.retiring and not pending):
                 continue
             how = (f"signal {-os.waitstatus_to_exitcode(status)}"
                    if os.WIFSIGNALED(status) else f"status {os.waitstatus_to_exitcode(status)}")
-            if self.stopping:
-                continue
             log.warning("%s %d (seat %d) ended with %s; starting another%s", child.role,
                         pid, child.seat, how, " to answer its request" if pending else "")
             self.conn.arena.add_restart()
@@ -278,8 +288,6 @@ class Supervisor:
             self.spawn(role, seat)
 
     # ---- the loop ------------------------------------------------------------------
-    stopping = False
-
     def run(self) -> int:
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)

@@ -26,20 +26,25 @@ from cgprocfs.config import Config
 from cgprocfs.fs import FsError, ViewsFS
 from cgprocfs.fuse import abi
 from cgprocfs.fuse.arena import MAX_ATTEMPTS, Arena
-from cgprocfs.fuse.child import die_with_supervisor, signal_ready
+from cgprocfs.fuse.child import (
+    ENV_ARENA_FD,
+    ENV_CONFIG,
+    ENV_DEBUG_FUSE,
+    ENV_FUSE_FD,
+    ENV_LOADS_FD,
+    ENV_SEAT,
+    die_with_supervisor,
+    signal_ready,
+)
 from cgprocfs.fuse.loads import SharedLoads
 from cgprocfs.render.cpu import CpuTimes
 from cgprocfs.resolve import Resolver
+from cgprocfs.serve import select_views
 from cgprocfs.snapshot import RenderOptions
-from cgprocfs.views import Renderer, available_views
+from cgprocfs.views import Renderer
 
 log = logging.getLogger("cgprocfs.worker")
 
-ENV_FUSE_FD = "CGPROCFS_FUSE_FD"
-ENV_ARENA_FD = "CGPROCFS_ARENA_FD"
-ENV_SEAT = "CGPROCFS_SEAT"
-ENV_LOADS_FD = "CGPROCFS_LOADS_FD"
-ENV_CONFIG = "CGPROCFS_CONFIG_JSON"
 
 
 class _Stop(BaseException):
@@ -65,7 +70,7 @@ def build_renderer(cfg: Config, loads_fd: int | None, arena: Arena) -> Renderer:
     resolver.limits.max_age = cfg.limits_max_age
     resolver.host.max_age = cfg.host_max_age
     if loads_fd is not None:
-        renderer.loads = SharedLoads(arena, loads_fd)  # type: ignore[assignment]
+        renderer.loads = SharedLoads(arena, loads_fd)
 
     def shared_times(key: tuple[str, float], times: CpuTimes) -> CpuTimes:
         digest = hashlib.blake2b(f"{key[0]}\0{key[1]}".encode(), digest_size=8).digest()
@@ -74,11 +79,6 @@ def build_renderer(cfg: Config, loads_fd: int | None, arena: Arena) -> Renderer:
 
     renderer.shared_times = shared_times
     return renderer
-
-
-def select_views(cfg: Config) -> tuple[object, ...]:
-    views = available_views()
-    return views if cfg.views is None else tuple(v for v in views if v.path in cfg.views)
 
 
 class Worker:
@@ -90,7 +90,7 @@ class Worker:
         self.buf = arena.request_buffer(seat)
         self.stopping = False
         self.in_read = False
-        self.debug = bool(os.environ.get("CGPROCFS_DEBUG_FUSE"))
+        self.debug = bool(os.environ.get(ENV_DEBUG_FUSE))
 
     @classmethod
     def from_environment(cls) -> Worker:
@@ -100,7 +100,7 @@ class Worker:
         seat = int(env[ENV_SEAT])
         loads_fd = int(env[ENV_LOADS_FD]) if env.get(ENV_LOADS_FD) else None
         renderer = build_renderer(cfg, loads_fd, arena)
-        fs = ViewsFS(renderer, select_views(cfg), arena, seat)  # type: ignore[arg-type]
+        fs = ViewsFS(renderer, select_views(cfg), arena, seat)
         return cls(int(env[ENV_FUSE_FD]), arena, seat, fs)
 
     def _on_term(self, signum: int, frame: FrameType | None) -> None:

@@ -11,17 +11,24 @@ from cgprocfs.config import Config
 
 def agent(cfg: Config, max_age: float | None = None) -> int:
     from cgprocfs.cgroups import load_layout
-    from cgprocfs.fuse.child import die_with_supervisor
+    from cgprocfs.fuse.child import ENV_ARENA_FD, ENV_LOADS_FD, ENV_SUPERVISOR, die_with_supervisor
     from cgprocfs.resolve import Resolver
     from cgprocfs.snapshot import RenderOptions
     from cgprocfs.sysinfo.agent import serve
     from cgprocfs.sysinfo.values import VALUES_MAX_AGE, SysinfoSource
 
-    if os.environ.get("CGPROCFS_SUPERVISOR"):
+    if os.environ.get(ENV_SUPERVISOR):
         die_with_supervisor()  # run by `cgprocfs serve`: it holds our descriptors
     resolver = Resolver(load_layout(), use_quota=cfg.cpu_quota)
     source = SysinfoSource(resolver, RenderOptions(cfg.hide_swap),
                            VALUES_MAX_AGE if max_age is None else max_age)
+    if os.environ.get(ENV_ARENA_FD) and os.environ.get(ENV_LOADS_FD):
+        # Under `cgprocfs serve`: the load sampler's averages, as /proc/loadavg shows them.
+        from cgprocfs.fuse.arena import Arena
+        from cgprocfs.fuse.loads import SharedLoads
+
+        arena = Arena(int(os.environ[ENV_ARENA_FD]))
+        source.loads = SharedLoads(arena, int(os.environ[ENV_LOADS_FD]))
     return serve(cfg.sysinfo_socket, source)
 
 
@@ -62,9 +69,7 @@ def exec_attached(cmd: Sequence[str], socket_path: str, require: bool) -> int:
         return 125
     try:
         os.execvp(cmd[0], cmd)
-    except FileNotFoundError:
-        print(f"cgprocfs exec: command not found: {cmd[0]}", file=sys.stderr)
-        return 127
-    except PermissionError:
-        print(f"cgprocfs exec: permission denied: {cmd[0]}", file=sys.stderr)
-        return 126
+    except (FileNotFoundError, PermissionError) as exc:
+        from cgprocfs.run import cannot_start
+
+        return cannot_start("exec", exc, cmd[0])

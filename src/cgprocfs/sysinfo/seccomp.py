@@ -9,13 +9,14 @@ x86_64 but statfs on i386, whose sysinfo is 116). Everything else is allowed.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
 import platform
 import struct
 from dataclasses import dataclass
+
+from cgprocfs.libc import libc
 
 # linux/audit.h
 AUDIT_ARCH_X86_64 = 0xC000003E
@@ -104,7 +105,7 @@ class _Iovec(ctypes.Structure):
     _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = libc()
 _libc.syscall.restype = ctypes.c_long
 _libc.process_vm_writev.restype = ctypes.c_ssize_t
 _libc.process_vm_writev.argtypes = [ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong,

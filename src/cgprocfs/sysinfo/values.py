@@ -4,7 +4,8 @@ files (design.md §3, §5), so busybox free and procps free agree to the byte.
 - totalram, freeram, sharedram, bufferram, totalswap, freeswap: MemTotal, MemFree, Shmem,
   Buffers, SwapTotal, SwapFree of `memory_figures` (what /proc/meminfo shows), in bytes;
 - uptime: the container's age, as /proc/uptime (CpuView.start);
-- loads: the container's load averages, as /proc/loadavg (a LoadTracker);
+- loads: the container's load averages, as /proc/loadavg (under `serve`, the load
+  sampler's shared table; standalone, its own LoadTracker);
 - procs: the container's threads, as /proc/stat's `processes` and /proc/loadavg's total.
 
 A caller in the root cgroup gets no answer here (None): the kernel's own is right for it.
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 
 from cgprocfs.cgroups import read_small
 from cgprocfs.cpu import host_uptime
-from cgprocfs.loadavg import FIXED_1, LoadTracker
+from cgprocfs.libc import libc
+from cgprocfs.loadavg import FIXED_1, LoadSource, LoadTracker
 from cgprocfs.render.meminfo import memory_figures
 from cgprocfs.resolve import Resolver
 from cgprocfs.snapshot import RenderOptions
@@ -40,9 +42,8 @@ class _Cached:
 
 def host_sysinfo() -> dict[str, int]:
     """This process's own sysinfo(2): the host's answer (the agent is never filtered)."""
-    libc = ctypes.CDLL(None, use_errno=True)
     buf = ctypes.create_string_buffer(SIZE_64)
-    if libc.sysinfo(buf) != 0:
+    if libc().sysinfo(buf) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
     return unpack64(buf.raw)
@@ -56,7 +57,7 @@ class SysinfoSource:
                  max_age: float = VALUES_MAX_AGE) -> None:
         self.resolver = resolver
         self.opts = opts or RenderOptions()
-        self.loads = LoadTracker()
+        self.loads: LoadSource = LoadTracker()
         self.max_age = max_age
         self._cache: dict[tuple[str, str], _Cached] = {}
         self.snapshots = 0
