@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from support import make_container  # noqa: E402
+from support import make_container, stop_process  # noqa: E402
 
 from cgprocfs.sysinfo.oci import reachable  # noqa: E402
 
@@ -88,12 +87,7 @@ def through_agent(calls: int, max_age: float) -> dict[str, float]:
                 * 1000
             return res
     finally:
-        agent.send_signal(signal.SIGTERM)
-        try:
-            agent.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            agent.wait()
+        stop_process(agent)
         with contextlib.suppress(OSError):
             shutil.rmtree(tmp)
 

@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +27,9 @@ PRESSURE_FILES = tuple(f"proc/pressure/{r}" for r in ("cpu", "memory", "io")
                        if os.path.exists(f"/proc/pressure/{r}"))
 ALL_VIEW_FILES = VIEW_FILES + CPU_VIEW_FILES + PRESSURE_FILES
 MiB = 1 << 20
+# How long removing a test cgroup waits for the processes killed in it to die (and for
+# the kernel to let go of a v1 memory cgroup) before the test fails.
+REMOVE_GRACE = 30.0
 
 
 def mountinfo_fstypes() -> dict[str, str]:
@@ -112,10 +115,9 @@ class Cgroup:
         except FileNotFoundError:
             return []
 
-    def remove(self) -> None:
-        for c in reversed(self.children):
-            c.remove()
-        deadline = time.monotonic() + 10
+    def _rmdir(self, grace: float) -> bool:
+        """SIGKILL what is inside and rmdir, for up to `grace` s; True once it is gone."""
+        deadline = time.monotonic() + grace
         while self.dir.exists() and time.monotonic() < deadline:
             for pid in self.procs():
                 with contextlib.suppress(ProcessLookupError):
@@ -126,7 +128,41 @@ class Cgroup:
                 break
             except OSError:
                 time.sleep(0.05)
-        assert not self.dir.exists(), f"could not remove test cgroup {self.dir}"
+        return not self.dir.exists()
+
+    def remove(self, grace: float = REMOVE_GRACE) -> None:
+        """Remove the children, then this cgroup. Every one is tried; those still there
+        after `grace` s (their processes killed) fail the test, all named at once."""
+        left: list[Path] = []
+        try:
+            remove_all(reversed(self.children), grace)
+        except CgroupsLeft as e:
+            left += e.dirs
+        if not self._rmdir(grace):
+            left.append(self.dir)
+        if left:
+            raise CgroupsLeft(left)
+
+
+class CgroupsLeft(AssertionError):
+    """Test cgroups that could not be removed (a test that leaves one behind fails)."""
+
+    def __init__(self, dirs: list[Path]) -> None:
+        self.dirs = dirs
+        super().__init__(f"could not remove test cgroup(s) {', '.join(map(str, dirs))}")
+
+
+def remove_all(cgroups: Iterable[Cgroup], grace: float = REMOVE_GRACE) -> None:
+    """`Cgroup.remove` of each, all tried even when one fails; then one CgroupsLeft
+    (an AssertionError) names every directory left behind."""
+    left: list[Path] = []
+    for cg in cgroups:
+        try:
+            cg.remove(grace)
+        except CgroupsLeft as e:
+            left += e.dirs
+    if left:
+        raise CgroupsLeft(left)
 
 
 @contextlib.contextmanager
@@ -199,8 +235,7 @@ class Container:
         self.write("cpuset", "cpuset.cpus", cpus)
 
     def remove(self) -> None:
-        for d in sorted(set(self.dirs.values()), reverse=True):
-            Cgroup(self.version, d).remove()
+        remove_all(Cgroup(self.version, d) for d in sorted(set(self.dirs.values()), reverse=True))
 
 
 @contextlib.contextmanager
@@ -245,8 +280,7 @@ def make_container(memory: int | None = None, cpuset: bool = False,
             Cgroup(version, dirs["memory"]).set_limit(memory)
         yield ct
     finally:
-        for d in sorted(set(made.values()), reverse=True):
-            Cgroup(version, d).remove()
+        remove_all(Cgroup(version, d) for d in sorted(set(made.values()), reverse=True))
 
 
 @dataclass
@@ -284,6 +318,17 @@ def force_unmount(mountpoint: Path) -> None:
         subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """SIGTERM `proc` if it still runs; SIGKILL if it has not exited after `timeout` s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @contextlib.contextmanager
 def running_daemon(args: Sequence[str] = (), module: Sequence[str] = ("-m", "cgprocfs"),
                    mountpoint: Path | None = None,
@@ -308,13 +353,7 @@ def running_daemon(args: Sequence[str] = (), module: Sequence[str] = ("-m", "cgp
             raise RuntimeError(f"daemon did not mount {mp}:\n{d.log()}")
         yield d
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
         force_unmount(mp)
         keep = os.environ.get("CGPROCFS_TEST_LOGDIR")
         if keep:  # the guest lane hands daemon logs back to the host's report

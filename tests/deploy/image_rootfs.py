@@ -26,7 +26,6 @@ ENTRYPOINT, CMD, HEALTHCHECK, ...  docker/Dockerfile                   the same 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import shutil
@@ -38,7 +37,7 @@ import tempfile
 from pathlib import Path
 
 from tests.deploy import dockerfile
-from tests.guest.packages import DEFAULT_CACHE, _locked, _static_busybox
+from tests.guest.packages import DEFAULT_CACHE, _static_busybox, cached_tarball
 
 REPO_ROOT = dockerfile.REPO_ROOT
 VENV = "/opt/cgprocfs"
@@ -274,16 +273,11 @@ def build_daemon_rootfs_tarball(cache_dir: Path = DEFAULT_CACHE) -> Path:
     cache_dir = Path(cache_dir)
     python = Path(os.path.realpath(sys.executable))
     tarball = cache_dir / f"daemon-rootfs-{_cache_key(python)}.tar"
-    if tarball.exists():
-        return tarball
-    with _locked(cache_dir):
-        if tarball.exists():
-            return tarball
+
+    def write(tmp: Path) -> None:
         for old in cache_dir.glob("daemon-rootfs-*.tar"):
             old.unlink()
         stage = Path(tempfile.mkdtemp(prefix=".daemon-rootfs-", dir=cache_dir))
-        fd, tmp_name = tempfile.mkstemp(prefix=".daemon-rootfs-", suffix=".tar", dir=cache_dir)
-        os.close(fd)
         try:
             stage.chmod(0o755)
             ver, base_prefix = _stage_python(stage, python)
@@ -299,16 +293,13 @@ def build_daemon_rootfs_tarball(cache_dir: Path = DEFAULT_CACHE) -> Path:
                 info.uname = info.gname = "root"
                 return info
 
-            with tarfile.open(tmp_name, "w") as tar:
+            with tarfile.open(tmp, "w") as tar:
                 for top in sorted(stage.iterdir()):
                     tar.add(top, arcname=top.name, filter=owner_root)
-            os.chmod(tmp_name, 0o644)
-            os.replace(tmp_name, tarball)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_name)
-    return tarball
+
+    return cached_tarball(tarball, ".daemon-rootfs-", write)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -17,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from support import PYTHON, REPO, Container
+from support import PYTHON, REPO, Container, stop_process
 
 E2E = Path(__file__).resolve().parent
 SYSINFO_C = r"""
@@ -48,16 +47,6 @@ def wait_reachable(path: Path, proc: subprocess.Popen[bytes], log: Path) -> None
             break
         time.sleep(0.05)
     raise RuntimeError(f"the sysinfo agent did not come up:\n{log.read_text()}")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @dataclass
@@ -97,7 +86,7 @@ def running_agent(supervised: bool = False, args: Sequence[str] = ()) -> Iterato
         wait_reachable(sock, proc, log_path)
         yield agent
     finally:
-        stop(proc)
+        stop_process(proc)
         keep = os.environ.get("CGPROCFS_TEST_LOGDIR")
         if keep:
             with contextlib.suppress(OSError):

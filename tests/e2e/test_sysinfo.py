@@ -16,12 +16,15 @@ import tempfile
 import textwrap
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import (
     PYTHON,
     REPO,
+    Container,
     Daemon,
     make_container,
     memory_hierarchy,
@@ -239,31 +242,48 @@ CALL_LOOP = textwrap.dedent("""
 """)
 
 
+def _wait_for(done: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _call_loop_while_killing(ct: Container, sock: Path, kill_agent: Callable[[], None],
+                             log: Callable[[], str]) -> dict[str, Any]:
+    """CALL_LOOP (6 s of sysinfo calls, checked against LIMIT) attached in `ct` through
+    `sock` while `kill_agent` (SIGKILL the agent, wait for the next one) runs three times,
+    1 s apart; the loop must exit 0. Its result: calls, errors, wrong, gap."""
+    caller = subprocess.Popen(attached(ct, sock, ["python3", "-c", CALL_LOOP, "6",
+                                                  str(LIMIT)]),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)
+        for _ in range(3):
+            kill_agent()
+            time.sleep(1.0)
+        out, err = caller.communicate(timeout=60)
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+            caller.wait()
+    assert caller.returncode == 0, err + log()
+    result: dict[str, Any] = json.loads(out)
+    print(f"calls {result['calls']}, longest call {result['gap'] * 1000:.0f} ms")
+    return result
+
+
 def test_agent_restarts_leave_callers_waiting_not_failing(root_fuse: None) -> None:
     """Kill the agent (SIGKILL) three times while a container calls sysinfo in a loop:
     the supervisor keeps the listener, the in-flight page and the socket, so callers
     wait during the gap and every call returns the container's figures."""
     with running_agent(supervised=True) as agent, make_container(memory=LIMIT) as ct:
-        caller = subprocess.Popen(attached(ct, agent.socket, ["python3", "-c", CALL_LOOP,
-                                                              "6", str(LIMIT)]),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            time.sleep(1.0)
-            for _ in range(3):
-                pid, gen = agent.agent_pid()
-                os.kill(pid, signal.SIGKILL)
-                deadline = time.monotonic() + 10
-                while agent.agent_pid()[1] == gen and time.monotonic() < deadline:
-                    time.sleep(0.02)
-                time.sleep(1.0)
-            out, err = caller.communicate(timeout=60)
-        finally:
-            if caller.poll() is None:
-                caller.kill()
-                caller.wait()
-        assert caller.returncode == 0, err + agent.log()
-        result = json.loads(out)
-        print(f"calls {result['calls']}, longest call {result['gap'] * 1000:.0f} ms")
+
+        def kill_agent() -> None:
+            pid, gen = agent.agent_pid()
+            os.kill(pid, signal.SIGKILL)
+            _wait_for(lambda: agent.agent_pid()[1] != gen)
+
+        result = _call_loop_while_killing(ct, agent.socket, kill_agent, agent.log)
         assert agent.agent_pid()[1] == 4, agent.log()
         assert result["errors"] == {}, result  # no ENOSYS (38), no other error
         assert result["wrong"] == [], result
@@ -293,27 +313,14 @@ def test_the_daemons_own_agent_survives_sigkill(root_fuse: None, tmp_path: Path)
         deadline = time.monotonic() + 20
         while not sock.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        caller = subprocess.Popen(attached(ct, sock, ["python3", "-c", CALL_LOOP, "6",
-                                                      str(LIMIT)]),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            time.sleep(1.0)
-            for _ in range(3):
-                old = agent_pid(d)
-                assert old is not None, d.log()
-                os.kill(old, signal.SIGKILL)
-                deadline = time.monotonic() + 10
-                while agent_pid(d) in (None, old) and time.monotonic() < deadline:
-                    time.sleep(0.02)
-                time.sleep(1.0)
-            out, err = caller.communicate(timeout=60)
-        finally:
-            if caller.poll() is None:
-                caller.kill()
-                caller.wait()
-        assert caller.returncode == 0, err + d.log()
-        result = json.loads(out)
-        print(f"calls {result['calls']}, longest call {result['gap'] * 1000:.0f} ms")
+
+        def kill_agent() -> None:
+            old = agent_pid(d)
+            assert old is not None, d.log()
+            os.kill(old, signal.SIGKILL)
+            _wait_for(lambda: agent_pid(d) not in (None, old))
+
+        result = _call_loop_while_killing(ct, sock, kill_agent, d.log)
         assert result["errors"] == {}, result
         assert result["wrong"] == [], result
         assert "sysinfo" in d.log() and "ended with signal 9" in d.log()

@@ -7,6 +7,7 @@ Nothing here installs anything on the host.  Debian packages are fetched with
     root = ensure_docker_root()        # .cache/guest/docker-root/usr/sbin/dockerd, ...
     tar = build_tiny_image_tarball()   # .cache/guest/tiny-image-v1.tar, for `docker import`
     script = docker_setup_script(root) + "docker import ..."   # run with run_in_guest()
+    script = docker_engine_script()    # the three above in one
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .runner import REPO_ROOT
@@ -59,6 +60,28 @@ def _locked(cache_dir: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def cached_tarball(tarball: Path, prefix: str, write: Callable[[Path], None]) -> Path:
+    """`tarball` (in a cache directory), made by `write(tmp)` unless it exists: under the
+    cache lock, checked again there (another test run may have made it meanwhile); `tmp`
+    is a file beside it, named `prefix`..., renamed into place only once complete."""
+    cache_dir = tarball.parent
+    if tarball.exists():
+        return tarball
+    with _locked(cache_dir):
+        if tarball.exists():
+            return tarball
+        fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=".tar", dir=cache_dir)
+        os.close(fd)
+        try:
+            write(Path(tmp_name))
+            os.chmod(tmp_name, 0o644)
+            os.replace(tmp_name, tarball)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+    return tarball
 
 
 def _apt_download(packages: tuple[str, ...], dest: Path) -> None:
@@ -177,11 +200,8 @@ def build_tiny_image_tarball(cache_dir: Path = DEFAULT_CACHE) -> Path:
     """
     cache_dir = Path(cache_dir)
     tarball = cache_dir / f"tiny-image-{_TINY_IMAGE_VERSION}.tar"
-    if tarball.exists():
-        return tarball
-    with _locked(cache_dir):
-        if tarball.exists():
-            return tarball
+
+    def write(tmp: Path) -> None:
         busybox = _static_busybox(cache_dir)
         tools = []
         for name in TINY_IMAGE_TOOLS:
@@ -196,71 +216,64 @@ def build_tiny_image_tarball(cache_dir: Path = DEFAULT_CACHE) -> Path:
             [str(busybox), "--list"], capture_output=True, text=True, check=True
         ).stdout.split()
 
-        fd, tmp_name = tempfile.mkstemp(prefix=".tiny-image-", suffix=".tar", dir=cache_dir)
-        os.close(fd)
-        try:
-            with tarfile.open(tmp_name, "w") as tar:
+        with tarfile.open(tmp, "w") as tar:
 
-                def add_dir(name: str, mode: int = 0o755) -> None:
-                    info = tarfile.TarInfo(name)
-                    info.type, info.mode = tarfile.DIRTYPE, mode
-                    tar.addfile(info)
+            def add_dir(name: str, mode: int = 0o755) -> None:
+                info = tarfile.TarInfo(name)
+                info.type, info.mode = tarfile.DIRTYPE, mode
+                tar.addfile(info)
 
-                def add_file(name: str, src: Path, mode: int = 0o755) -> None:
-                    info = tar.gettarinfo(str(src.resolve()), arcname=name)
-                    info.uid = info.gid = 0
-                    info.uname = info.gname = "root"
-                    info.mode = mode
-                    with open(src.resolve(), "rb") as f:
-                        tar.addfile(info, f)
+            def add_file(name: str, src: Path, mode: int = 0o755) -> None:
+                info = tar.gettarinfo(str(src.resolve()), arcname=name)
+                info.uid = info.gid = 0
+                info.uname = info.gname = "root"
+                info.mode = mode
+                with open(src.resolve(), "rb") as f:
+                    tar.addfile(info, f)
 
-                def add_link(name: str, target: str) -> None:
-                    info = tarfile.TarInfo(name)
-                    info.type, info.linkname, info.mode = tarfile.SYMTYPE, target, 0o777
-                    tar.addfile(info)
+            def add_link(name: str, target: str) -> None:
+                info = tarfile.TarInfo(name)
+                info.type, info.linkname, info.mode = tarfile.SYMTYPE, target, 0o777
+                tar.addfile(info)
 
-                def add_text(name: str, text: str) -> None:
-                    data = text.encode()
-                    info = tarfile.TarInfo(name)
-                    info.size, info.mode = len(data), 0o644
-                    tar.addfile(info, io.BytesIO(data))
+            def add_text(name: str, text: str) -> None:
+                data = text.encode()
+                info = tarfile.TarInfo(name)
+                info.size, info.mode = len(data), 0o644
+                tar.addfile(info, io.BytesIO(data))
 
-                made: set[str] = set()
+            made: set[str] = set()
 
-                def add_parents(path: str) -> None:
-                    parts = path.split("/")[:-1]
-                    for i in range(1, len(parts) + 1):
-                        d = "/".join(parts[:i])
-                        if d and d not in made:
-                            made.add(d)
-                            add_dir(d)
+            def add_parents(path: str) -> None:
+                parts = path.split("/")[:-1]
+                for i in range(1, len(parts) + 1):
+                    d = "/".join(parts[:i])
+                    if d and d not in made:
+                        made.add(d)
+                        add_dir(d)
 
-                for d in ("bin", "usr", "usr/bin", "etc", "root", "run", "var", "dev", "proc",
-                          "sys"):  # fmt: skip
-                    made.add(d)
-                    add_dir(d, 0o700 if d == "root" else 0o755)
-                made.add("tmp")
-                add_dir("tmp", 0o1777)
-                add_file("bin/busybox", busybox)
-                procps_names = set(TINY_IMAGE_TOOLS)
-                for applet in applets:
-                    if applet != "busybox" and applet not in procps_names and "/" not in applet:
-                        add_link(f"bin/{applet}", "busybox")
-                for tool in tools:
-                    add_file(f"usr/bin/{tool.name}", tool)
-                for lib in sorted(libs):
-                    name = lib.lstrip("/")
-                    add_parents(name)
-                    add_file(name, Path(lib), 0o755)
-                add_text("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"
-                         "nobody:x:65534:65534:nobody:/:/bin/false\n")  # fmt: skip
-                add_text("etc/group", "root:x:0:\nnogroup:x:65534:\n")
-            os.chmod(tmp_name, 0o644)
-            os.replace(tmp_name, tarball)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_name)
-    return tarball
+            for d in ("bin", "usr", "usr/bin", "etc", "root", "run", "var", "dev", "proc",
+                      "sys"):  # fmt: skip
+                made.add(d)
+                add_dir(d, 0o700 if d == "root" else 0o755)
+            made.add("tmp")
+            add_dir("tmp", 0o1777)
+            add_file("bin/busybox", busybox)
+            procps_names = set(TINY_IMAGE_TOOLS)
+            for applet in applets:
+                if applet != "busybox" and applet not in procps_names and "/" not in applet:
+                    add_link(f"bin/{applet}", "busybox")
+            for tool in tools:
+                add_file(f"usr/bin/{tool.name}", tool)
+            for lib in sorted(libs):
+                name = lib.lstrip("/")
+                add_parents(name)
+                add_file(name, Path(lib), 0o755)
+            add_text("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"
+                     "nobody:x:65534:65534:nobody:/:/bin/false\n")  # fmt: skip
+            add_text("etc/group", "root:x:0:\nnogroup:x:65534:\n")
+
+    return cached_tarball(tarball, ".tiny-image-", write)
 
 
 def docker_env(docker_root: Path) -> str:
@@ -299,3 +312,11 @@ fi
 def docker_import_script(tarball: Path, image: str = TINY_IMAGE_NAME) -> str:
     """Bash line that imports the tiny image tarball as ``image``."""
     return f"docker import {shlex.quote(str(tarball))} {shlex.quote(image)} >/dev/null\n"
+
+
+def docker_engine_script(cache_dir: Path = DEFAULT_CACHE) -> str:
+    """Bash lines for a guest script: the cached engine started (docker_setup_script) and
+    the tiny image imported as TINY_IMAGE_NAME (both built here first if need be)."""
+    docker_root = ensure_docker_root(cache_dir)
+    tarball = build_tiny_image_tarball(cache_dir)
+    return docker_setup_script(docker_root) + docker_import_script(tarball)

@@ -10,13 +10,7 @@ from pathlib import Path
 import pytest
 from support import parse_free_b
 
-from tests.guest.packages import (
-    TINY_IMAGE_NAME,
-    build_tiny_image_tarball,
-    docker_import_script,
-    docker_setup_script,
-    ensure_docker_root,
-)
+from tests.guest.packages import TINY_IMAGE_NAME, docker_engine_script
 from tests.guest.runner import available, output_section, report_with_logs, run_in_guest
 
 pytestmark = [pytest.mark.guest, pytest.mark.docker]
@@ -26,13 +20,11 @@ def test_docker_containers_see_their_limit_through_the_views(tmp_path: Path) -> 
     reason = available()
     if reason:
         pytest.skip(reason)
-    docker_root = ensure_docker_root()
-    tarball = build_tiny_image_tarball()
+    engine = docker_engine_script()
     img = TINY_IMAGE_NAME
     script = (
         "set -e\n. tests/guest/prepare_v2.sh\n"
-        + docker_setup_script(docker_root)
-        + docker_import_script(tarball)
+        + engine
         + f"""
 .venv/bin/cgprocfs serve /var/lib/cgprocfs >"$CGPROCFS_TEST_LOGDIR/daemon-docker.log" 2>&1 &
 for _ in $(seq 100); do [ -e /var/lib/cgprocfs/proc/meminfo ] && break; sleep 0.1; done
@@ -89,8 +81,7 @@ def test_docker_sysinfo_through_the_seccomp_profile(tmp_path: Path) -> None:
     reason = available()
     if reason:
         pytest.skip(reason)
-    docker_root = ensure_docker_root()
-    tarball = build_tiny_image_tarball()
+    engine = docker_engine_script()
     img = TINY_IMAGE_NAME
     repo = Path(__file__).resolve().parents[2]
     script = (
@@ -103,8 +94,7 @@ chmod +x /run/cgprocfs-runc
 echo '{{"runtimes": {{"cgprocfs": {{"path": "/run/cgprocfs-runc"}}}}}}' \\
     > /etc/docker/daemon.json
 """
-        + docker_setup_script(docker_root)
-        + docker_import_script(tarball)
+        + engine
         + f"""
 .venv/bin/cgprocfs serve /var/lib/cgprocfs >"$CGPROCFS_TEST_LOGDIR/daemon-sysinfo.log" 2>&1 &
 .venv/bin/cgprocfs --log-level debug sysinfo-agent \\

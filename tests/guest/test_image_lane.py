@@ -33,13 +33,7 @@ from support import parse_free_b
 
 from tests.deploy import dockerfile
 from tests.deploy.image_rootfs import build_daemon_rootfs_tarball
-from tests.guest.packages import (
-    TINY_IMAGE_NAME,
-    build_tiny_image_tarball,
-    docker_import_script,
-    docker_setup_script,
-    ensure_docker_root,
-)
+from tests.guest.packages import TINY_IMAGE_NAME, docker_engine_script
 from tests.guest.runner import available, output_section, report_with_logs, run_in_guest
 
 pytestmark = [pytest.mark.guest, pytest.mark.docker]
@@ -131,8 +125,7 @@ def test_daemon_image_serves_containers(tmp_path: Path) -> None:
     reason = available()
     if reason:
         pytest.skip(reason)
-    docker_root = ensure_docker_root()
-    tiny = build_tiny_image_tarball()
+    engine = docker_engine_script()
     rootfs = build_daemon_rootfs_tarball()
 
     pod = daemonset_pod()
@@ -147,8 +140,7 @@ def test_daemon_image_serves_containers(tmp_path: Path) -> None:
     script = (
         "set -e\n"
         'LOGS="$GUEST_OUT/daemon-logs"; mkdir -p "$LOGS"\n'
-        + docker_setup_script(docker_root)
-        + docker_import_script(tiny)
+        + engine
         + f"""
 # The rshared bind needs a shared mount at its source: systemd makes / shared at boot;
 # this guest's init leaves it private.
