@@ -18,7 +18,6 @@ import json
 import multiprocessing as mp
 import os
 import select
-import shutil
 import signal
 import statistics
 import sys
@@ -36,16 +35,20 @@ from benchlib import (
     ContainerSet,
     Stop,
     Target,
+    add_run_args,
     check_content,
     host_memtotal_kb,
     install_stop_handlers,
     join,
     log,
     loud,
+    pyplot,
     require_root,
     results_dir,
     run_meta,
+    save_figure,
     start_targets,
+    stop_everything,
 )
 
 ALL_FILES = ("meminfo", "vmstat", "stat", "cpuinfo", "uptime", "loadavg", "swaps")
@@ -429,11 +432,7 @@ COLORS = {"kernel": "#7f7f7f", "lxcfs": "#1f77b4", "cgprocfs": "#d62728"}
 
 
 def write_charts(rows: list[dict], out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     written = []
     targets = [t for t in ALL_TARGETS if any(r["target"] == t for r in rows)]
     by = {(r["target"], *(r[k] for k in KEY)): r for r in rows}
@@ -461,10 +460,8 @@ def write_charts(rows: list[dict], out: Path) -> list[str]:
             ax.margins(y=0.3)
         axes[0].legend(fontsize=8)
         fig.suptitle(f"open → read to EOF → close; readers spread over {ncg} cgroup(s)")
-        fig.tight_layout()
         name = f"chart-{ncg}cg.png"
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
+        save_figure(fig, out / name)
         written.append(name)
     cg = [r for r in rows if r["target"] == "cgprocfs" and r.get("ratio_vs_lxcfs")]
     if cg:
@@ -489,9 +486,7 @@ def write_charts(rows: list[dict], out: Path) -> list[str]:
                      fontsize=9)
         ax.legend(fontsize=7, ncol=3)
         ax.margins(y=0.2)
-        fig.tight_layout()
-        fig.savefig(out / "ratios.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, out / "ratios.png")
         written.append("ratios.png")
     return written
 
@@ -516,21 +511,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="repeat the whole grid; rows show the median over rounds")
     ap.add_argument("--targets", default=",".join(ALL_TARGETS),
                     help=f"comma list, from: {','.join(ALL_TARGETS)}")
-    ap.add_argument("--out", type=Path, help="results directory "
-                    "(default benchmarks/results/<timestamp>-bench)")
-    ap.add_argument("--base-mib", type=int, default=256,
-                    help="memory limit of test cgroup i is base + i %% 128 MiB")
-    ap.add_argument("--cpus", type=float, default=1.0,
-                    help="CFS quota of every test cgroup, in CPUs (0 = none)")
     ap.add_argument("--rotate-ms", type=float, default=20.0,
                     help="a reader with several cgroups moves to its next one this often "
                     "(or faster, so it visits each twice per cell)")
-    ap.add_argument("--lxcfs-bin", default=None)
-    ap.add_argument("--cgprocfs-rev", default="HEAD",
-                    help="git revision of cgprocfs to run (exported from the repo), "
-                    "or 'worktree' for the working tree")
-    ap.add_argument("--cgprocfs-cmd", default=None,
-                    help="explicit daemon command instead; the mountpoint is appended")
+    add_run_args(ap, "bench")
     a = ap.parse_args(argv)
     a.preset = a.preset or "full"
     for k, v in PRESETS[a.preset].items():
@@ -583,8 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cs.setup()
         all_cts = cs.create_many(max(args.cgroups))
-        targets = start_targets(args.targets, workdir, out, skipped, lxcfs_bin=args.lxcfs_bin,
-                                cgprocfs_cmd=args.cgprocfs_cmd, cgprocfs_rev=args.cgprocfs_rev)
+        targets = start_targets(args.targets, workdir, out, skipped, args)
         for t in targets:
             for fname in args.files:
                 if not t.serves(fname):
@@ -615,13 +598,7 @@ def main(argv: list[str] | None = None) -> int:
         loud(f"interrupted by signal {e.args[0]}; cleaning up")
         status = 130
     finally:
-        for t in reversed(targets):
-            try:
-                t.stop()
-            except Exception as e:  # keep cleaning up
-                loud(f"stopping {t.name}: {e}")
-        cs.remove_all()
-        shutil.rmtree(workdir, ignore_errors=True)
+        stop_everything(targets, cs, workdir)
 
     rows = combine_rounds(cells)
     add_ratios(rows)

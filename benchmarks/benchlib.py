@@ -7,6 +7,7 @@ container runtime and `top` would.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import math
@@ -23,6 +24,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -518,6 +520,19 @@ class Target:
         return out
 
 
+def stop_everything(targets: list[Target], cs: ContainerSet, workdir: Path) -> None:
+    """The cleanup every tool's `finally` does: stop the daemons (last started first; one
+    that fails to stop is reported and the rest go on), remove the test cgroups and the
+    work directory."""
+    for t in reversed(targets):
+        try:
+            t.stop()
+        except Exception as e:  # keep cleaning up
+            loud(f"stopping {t.name}: {e}")
+    cs.remove_all()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
 def _git(*args: str) -> str:
     r = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
     return r.stdout.strip()
@@ -566,12 +581,34 @@ def make_target(name: str, workdir: Path, lxcfs_bin: str | None = None,
     raise SystemExit(f"unknown target {name!r} (known: {', '.join(ALL_TARGETS)})")
 
 
+def add_run_args(ap: argparse.ArgumentParser, kind: str) -> None:
+    """The options every benchmark tool shares: where results go (--out), the test cgroups
+    (--base-mib, --cpus) and which daemons run (--lxcfs-bin, --cgprocfs-rev, --cgprocfs-cmd;
+    handed to `start_targets` with the parsed arguments)."""
+    ap.add_argument("--out", type=Path, help="results directory "
+                    f"(default benchmarks/results/<timestamp>-{kind})")
+    ap.add_argument("--base-mib", type=int, default=256,
+                    help="memory limit of test cgroup i is base + i %% 128 MiB")
+    ap.add_argument("--cpus", type=float, default=1.0,
+                    help="CFS quota of every test cgroup, in CPUs (0 = none)")
+    ap.add_argument("--lxcfs-bin", default=None)
+    ap.add_argument("--cgprocfs-rev", default="HEAD",
+                    help="git revision of cgprocfs to run (exported from the repo), "
+                    "or 'worktree' for the working tree")
+    ap.add_argument("--cgprocfs-cmd", default=None,
+                    help="explicit daemon command instead; the mountpoint is appended")
+
+
 def start_targets(names: list[str], workdir: Path, out: Path, skipped: list[str],
-                  **kw: str | None) -> list[Target]:
+                  args: argparse.Namespace) -> list[Target]:
+    """Start each of `names` (as `args`' --lxcfs-bin, --cgprocfs-rev, --cgprocfs-cmd say);
+    one that cannot start is reported loudly, added to `skipped` and left out."""
+    kw = {"lxcfs_bin": args.lxcfs_bin, "cgprocfs_cmd": args.cgprocfs_cmd,
+          "cgprocfs_rev": args.cgprocfs_rev}
     targets = []
     for name in names:
         try:
-            t = make_target(name, workdir, **kw)  # type: ignore[arg-type]
+            t = make_target(name, workdir, **kw)
             t.start(workdir, out)
             targets.append(t)
         except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
@@ -675,3 +712,22 @@ def results_dir(out: Path | None, kind: str) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     return d
 
+
+# --------------------------------------------------------------------------- charts
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (files only, no display); imported on first
+    use, so the tools run without matplotlib until they draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)

@@ -20,7 +20,6 @@ import multiprocessing as mp
 import os
 import random
 import select
-import shutil
 import signal
 import sys
 import tempfile
@@ -36,16 +35,20 @@ from benchlib import (
     ContainerSet,
     Stop,
     Target,
+    add_run_args,
     check_content,
     host_memtotal_kb,
     install_stop_handlers,
     join,
     log,
     loud,
+    pyplot,
     require_root,
     results_dir,
     run_meta,
+    save_figure,
     start_targets,
+    stop_everything,
 )
 
 TOP_FILES = "stat,meminfo,uptime,loadavg"
@@ -219,11 +222,7 @@ def run_target(t: Target, cts: list[Container], args: argparse.Namespace,
 
 
 def write_chart(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     colors = {"lxcfs": "#1f77b4", "cgprocfs": "#d62728"}
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for r in results:
@@ -238,9 +237,7 @@ def write_chart(results: list[dict], path: Path) -> None:
     ax.set_title(f"top-like polling: {results[0]['pollers']} containers x "
                  f"{results[0]['files']} every second", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -254,12 +251,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="open: open/read/close each time (busybox, procps 3); reread: keep "
                     "the files open and pread from offset 0 (procps-ng 4 top)")
     ap.add_argument("--targets", default="lxcfs,cgprocfs")
-    ap.add_argument("--out", type=Path)
-    ap.add_argument("--base-mib", type=int, default=256)
-    ap.add_argument("--cpus", type=float, default=1.0)
-    ap.add_argument("--lxcfs-bin", default=None)
-    ap.add_argument("--cgprocfs-rev", default="HEAD")
-    ap.add_argument("--cgprocfs-cmd", default=None)
+    add_run_args(ap, "poll")
     a = ap.parse_args(argv)
     a.files = [f.strip() for f in a.files.split(",") if f.strip()]
     a.targets = [t.strip() for t in a.targets.split(",") if t.strip()]
@@ -287,8 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         cs.setup()
         cts = cs.create_many(args.cgroups)
         for name in args.targets:  # one daemon at a time: each measured alone
-            ts = start_targets([name], workdir, out, skipped, lxcfs_bin=args.lxcfs_bin,
-                               cgprocfs_cmd=args.cgprocfs_cmd, cgprocfs_rev=args.cgprocfs_rev)
+            ts = start_targets([name], workdir, out, skipped, args)
             if not ts:
                 continue
             t = ts[0]
@@ -311,11 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         loud(f"interrupted by signal {e.args[0]}; cleaning up")
         status = 130
     finally:
-        for t in targets:
-            with contextlib.suppress(Exception):
-                t.stop()
-        cs.remove_all()
-        shutil.rmtree(workdir, ignore_errors=True)
+        stop_everything(targets, cs, workdir)
 
     md = [
         "# top-like polling cost",

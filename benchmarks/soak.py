@@ -23,7 +23,6 @@ import os
 import random
 import re
 import select
-import shutil
 import signal
 import sys
 import tempfile
@@ -39,16 +38,20 @@ from benchlib import (
     MiB,
     Stop,
     Target,
+    add_run_args,
     check_content,
     host_memtotal_kb,
     install_stop_handlers,
     limit_for,
     log,
     loud,
+    pyplot,
     require_root,
     results_dir,
     run_meta,
+    save_figure,
     start_targets,
+    stop_everything,
     tree_sample,
 )
 
@@ -137,11 +140,7 @@ def reader_main(idx: int, parents: list[str], slots: object, counters: object, s
 
 
 def write_plot(rows: list[dict], path: Path, mark: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     x = [r["opens"] / 1e6 for r in rows]
     fig, axes = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
     axes[0].plot(x, [r["rss_kib"] / 1024 for r in rows], label="RSS (sum over processes)")
@@ -163,9 +162,7 @@ def write_plot(rows: list[dict], path: Path, mark: int) -> None:
         ax.axvline(mark / 1e6, color="black", lw=0.8, ls="--")
     fig.suptitle(f"soak: daemon memory and fds over {rows[-1]['opens']:,} opens "
                  f"(dashed: {mark:,}th open)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -182,12 +179,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="memory/fd growth is measured from this open on")
     ap.add_argument("--max-minutes", type=float, default=120.0, help="stop early after this")
     ap.add_argument("--target", choices=("cgprocfs", "lxcfs"), default="cgprocfs")
-    ap.add_argument("--out", type=Path)
-    ap.add_argument("--base-mib", type=int, default=256)
-    ap.add_argument("--cpus", type=float, default=1.0)
-    ap.add_argument("--lxcfs-bin", default=None)
-    ap.add_argument("--cgprocfs-rev", default="HEAD")
-    ap.add_argument("--cgprocfs-cmd", default=None)
+    add_run_args(ap, "soak")
     a = ap.parse_args(argv)
     a.files = [f.strip() for f in a.files.split(",") if f.strip()]
     if min(a.opens, a.cgroups, a.readers, a.move_every, a.verify_every) < 1 or a.churn < 0:
@@ -251,8 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         created = args.cgroups
         next_id = args.cgroups
         slots = ctx.RawArray("q", list(range(args.cgroups)))
-        targets = start_targets([args.target], workdir, out, skipped, lxcfs_bin=args.lxcfs_bin,
-                                cgprocfs_cmd=args.cgprocfs_cmd, cgprocfs_rev=args.cgprocfs_rev)
+        targets = start_targets([args.target], workdir, out, skipped, args)
         if not targets:
             raise SystemExit(f"soak: {args.target} did not start: {skipped}")
         t = targets[0]
@@ -355,11 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             if p.is_alive():
                 p.kill()  # our own reader, by its pid
                 p.join(timeout=5)
-        for t in targets:
-            with contextlib.suppress(Exception):
-                t.stop()
-        cs.remove_all()
-        shutil.rmtree(workdir, ignore_errors=True)
+        stop_everything(targets, cs, workdir)
 
     total_opens = sum(int(r["ops"]) for r in reports) or (rows[-1]["opens"] if rows else 0)
     errors = sum(int(r["errors"]) for r in reports)
