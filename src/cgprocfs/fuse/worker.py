@@ -16,6 +16,7 @@ import errno
 import hashlib
 import json
 import logging
+import mmap
 import os
 import signal
 import sys
@@ -108,7 +109,18 @@ class Worker:
         if self.in_read:
             raise _Stop
 
+    def _fault_in_seat(self) -> None:
+        """Map every page of our seat now, writable. The kernel copies a request into it
+        from the reader's side; were a page still unmapped when this process is being
+        killed, that copy would fault with a fatal signal pending and the kernel would
+        fail the request with EIO. Rewriting each page's first byte keeps its content (a
+        request left by our predecessor)."""
+        buf = self.buf
+        for off in range(0, len(buf), mmap.PAGESIZE):
+            buf[off] = buf[off]
+
     def serve(self) -> None:
+        self._fault_in_seat()
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
         self._answer_leftover()
