@@ -37,6 +37,7 @@ from cgprocfs.sysinfo.seccomp import (
     recv_into,
     send,
     send_continue,
+    sync_wake_up,
     sysinfo_abi,
     write_memory,
 )
@@ -96,6 +97,7 @@ class Agent:
         self.listeners: dict[int, str] = {}  # fd -> keeper name
         self.answered = self.continued = self.failed = 0
         self._stopping = False
+        self._told_no_sync = False
         kept = keeper.kept_fds()
         self.sock, new = open_socket(socket_path, kept.get(SOCKET_NAME))
         self.sock.setblocking(False)
@@ -117,6 +119,15 @@ class Agent:
         self._recover()
 
     def _watch(self, fd: int, name: str) -> None:
+        try:
+            sync = sync_wake_up(fd)
+        except OSError as exc:
+            log.warning("listener %s: cannot set synchronous wake-up: %s", name, exc)
+            sync = False
+        if not sync and not self._told_no_sync:
+            log.info("this kernel has no synchronous seccomp wake-up (Linux 6.6+): each "
+                     "sysinfo call costs two cross-CPU wake-ups")
+            self._told_no_sync = True
         self.listeners[fd] = name
         self.epoll.register(fd, select.EPOLLIN)
 
@@ -216,7 +227,8 @@ class Agent:
         n = parse_notification(data)
         try:
             is32 = sysinfo_abi(n.arch, n.nr)
-            values = None if is32 is None else self.source.values(n.pid)
+            listener = self.listeners[fd]
+            values = None if is32 is None else self.source.values(n.pid, listener)
             if values is None:
                 send_continue(fd, n.id)
                 self.continued += 1

