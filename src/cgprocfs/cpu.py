@@ -13,8 +13,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, replace
 
 from cgprocfs.cgroups import (
     Hierarchy,
@@ -129,13 +128,26 @@ def _quota_at(d: str, version: int) -> float | None:
     return None if text is None else parse_quota(text, 1, read_optional(f"{d}/cpu.cfs_period_us"))
 
 
+@dataclass(frozen=True)
+class CpuPlacement:
+    """Where a caller's CPU views come from: the slow-changing part of a CpuView, which the
+    Resolver keeps per container for at most PLACEMENT_MAX_AGE. `start` None: not looked
+    up yet (loadavg and the cpu directory do not need it)."""
+
+    version: int
+    cgroup: str
+    directory: str
+    cpus: tuple[int, ...]
+    start: float | None = None
+    ns_init: int | None = None
+
+
 class CpuReader:
-    """Reads CpuView for callers; holds small caches with explicit bounds."""
+    """Reads CPU figures for callers: placements (configuration, re-read per container at
+    most every PLACEMENT_MAX_AGE) and views (usage read at every open)."""
 
     # Task states are a gauge sampled for procs_running/blocked: at most this old.
     TASKS_MAX_AGE = 1.0
-    # A cgroup's CFS quota, like its memory limits, changes rarely.
-    QUOTA_MAX_AGE = 1.0
 
     def __init__(self, cpu: Hierarchy | None, cpuacct: Hierarchy | None,
                  cpuset: Hierarchy | None, use_quota: bool = True) -> None:
@@ -143,9 +155,6 @@ class CpuReader:
         self.use_quota = use_quota
         self._oldest: dict[str, tuple[int, float]] = {}
         self._tasks = TtlCache[tuple[str, int], tuple[int, int, int, int]](self.TASKS_MAX_AGE)
-        self._quotas = TtlCache[str, float | None](self.QUOTA_MAX_AGE)
-        # cpusets and the online list are configuration, like quotas: same bound.
-        self._cpusets = TtlCache[str, tuple[int, ...]](self.QUOTA_MAX_AGE)
 
     def at_root(self, procs: ProcCgroups) -> bool:
         """A caller at the root of every CPU hierarchy sees the host's CPU files."""
@@ -159,32 +168,34 @@ class CpuReader:
 
     def cpus(self, procs: ProcCgroups) -> tuple[int, ...]:
         """The host CPUs a caller sees, in order: its cpuset ∩ online, cut by its quota."""
-        key = (procs.path_in(self.cpuset) or "/") if self.cpuset is not None else ""
-        cpuset = self._cpusets.get(key, lambda: tuple(self._cpuset(procs, self.online())))
+        cpuset = self._cpuset(procs, self.online())
         quota = self._quota(procs) if self.use_quota else None
-        return cpuset[: visible_count(list(cpuset), quota)]
+        return tuple(cpuset[: visible_count(cpuset, quota)])
 
-    def view(self, procs: ProcCgroups, container: Callable[[Hierarchy, str], str],
-             ns_init: int | None, light: bool = False) -> CpuView:
-        cpus = self.cpus(procs)
+    def placement(self, procs: ProcCgroups, container: Callable[[Hierarchy, str], str],
+                  ns_init: int | None, with_start: bool) -> CpuPlacement:
         acct = self.cpuacct or self.cpu
         if acct is None:
             raise OddCgroupData("no cpu accounting hierarchy")
-        own = procs.path_in(acct) or "/"
-        path = container(acct, own)
+        path = container(acct, procs.path_in(acct) or "/")
         d = acct.directory(path)
         if d is None:
             raise OddCgroupData(f"cgroup {path} is outside the mounted hierarchy")
+        found = CpuPlacement(acct.version, path, d, self.cpus(procs), None, ns_init)
+        return self.with_start(found) if with_start else found
+
+    def with_start(self, p: CpuPlacement) -> CpuPlacement:
+        return replace(p, start=self._start(p.directory, p.version, p.ns_init, host_uptime()))
+
+    def view(self, p: CpuPlacement) -> CpuView:
+        """The figures of this moment (`p` with its start looked up)."""
         now = host_uptime()
-        if light:
-            user_us = system_us = 0
-            start = now
-        else:
-            user_us, system_us = self._usage(acct, d)
-            start = self._start(d, acct.version, ns_init, now)
+        user_us, system_us = self._usage(p.version, p.directory)
+        start = now if p.start is None else p.start
+        d, version = p.directory, p.version
         running, blocked, threads, _ = self._tasks.get(
-            (d, acct.version), lambda: task_states(d, acct.version))
-        return CpuView(acct.version, path, cpus, user_us, system_us, start, now,
+            (d, version), lambda: task_states(d, version))
+        return CpuView(version, p.cgroup, p.cpus, user_us, system_us, start, now,
                        running, blocked, threads, d)
 
     def _cpuset(self, procs: ProcCgroups, online: list[int]) -> list[int]:
@@ -214,14 +225,14 @@ class CpuReader:
             d = h.directory(p)
             if d is None:
                 break
-            q = self._quotas.get(d, partial(_quota_at, d, h.version))
+            q = _quota_at(d, h.version)
             if q is not None and (best is None or q < best):
                 best = q
         return best
 
     @staticmethod
-    def _usage(h: Hierarchy, d: str) -> tuple[int, int]:
-        if h.version == 2:
+    def _usage(version: int, d: str) -> tuple[int, int]:
+        if version == 2:
             stat = parse_flat_keyed(read_small(f"{d}/cpu.stat"))
             return stat.get("user_usec", 0), stat.get("system_usec", 0)
         text = read_optional(f"{d}/cpuacct.usage_all")

@@ -64,6 +64,10 @@ class LoadSource(Protocol):
 
     def read(self, directory: str, version: int, reader: int = 0) -> Load: ...
 
+    def line(self, directory: str, version: int, reader: int = 0) -> bytes:
+        """/proc/loadavg's content for the cgroup at `directory`."""
+        ...
+
     def sample(self) -> int: ...
 
 
@@ -81,6 +85,9 @@ class LoadTracker:
             load = self._loads[key] = Load.current(directory, version, reader)
         load.last_read = time.monotonic()
         return load
+
+    def line(self, directory: str, version: int, reader: int = 0) -> bytes:
+        return self.read(directory, version, reader).line().encode()
 
     def tracks(self, directory: str, version: int) -> bool:
         return (directory, version) in self._loads

@@ -24,7 +24,7 @@ from cgprocfs.cgroups import (
     read_proc_cgroup,
     read_small,
 )
-from cgprocfs.cpu import CpuReader, CpuView
+from cgprocfs.cpu import CpuPlacement, CpuReader, CpuView
 from cgprocfs.render.cpu import HostStat, parse_host_stat
 from cgprocfs.snapshot import (
     HostMemory,
@@ -72,6 +72,10 @@ CPUINFO_MAX_AGE = 10.0
 
 # How old the host's meminfo may be when it is used to cap a cgroup's figures.
 HOST_MAX_AGE = 0.05
+
+# How long a container's CPU placement (its CPUs from cpuset, online list and CFS quota; its
+# accounting cgroup; its start) may be served from memory: configuration, like limits.
+PLACEMENT_MAX_AGE = 1.0
 
 # How long a cgroup's limits may be served from memory. Limits change rarely (docker
 # update, a Kubernetes resize); usage and memory.stat are always read fresh.
@@ -211,6 +215,7 @@ class Resolver:
         self.limits = LimitsCache(LIMITS_MAX_AGE)
         self.host = TtlCache[None, HostMemory](HOST_MAX_AGE)
         self.cpuinfo = TtlCache[None, str](CPUINFO_MAX_AGE)
+        self.placements = TtlCache[tuple[str, str], CpuPlacement | None](PLACEMENT_MAX_AGE)
         # Key order and layout of the kernel's files never change while it runs.
         with open(f"{proc}/vmstat") as f:
             self.vmstat_keys = tuple(line.split(" ", 1)[0] for line in f if line.strip())
@@ -256,20 +261,38 @@ class Resolver:
         """The host CPUs `pid` sees; None for a caller at the root (all of the host's)."""
         if pid <= 0:
             return None
-        procs = parse_proc_cgroup(read_small(f"{self.proc}/{pid}/cgroup"))
-        return None if self.cpu.at_root(procs) else self.cpu.cpus(procs)
+        _, placement = self.cpu_placement(pid, with_start=False)
+        return None if placement is None else placement.cpus
 
-    def cpu_snapshot(self, pid: int, light: bool = False) -> CpuSnapshot:
-        """`light`: only which container and CPUs (loadavg needs no CPU time or age)."""
+    def cpu_placement(self, pid: int, with_start: bool) -> tuple[str, CpuPlacement | None]:
+        """(the caller's /proc/PID/cgroup, where its CPU views come from; None at the root).
+        Kept per (cgroup membership, pid namespace) for PLACEMENT_MAX_AGE: a container's
+        CPUs, quota, cgroup and start are configuration, re-read at least that often."""
+        caller = read_small(f"{self.proc}/{pid}/cgroup")
+        ns = os.readlink(f"{self.proc}/{pid}/ns/pid")
+        key = (caller, ns)
+
+        def load() -> CpuPlacement | None:
+            procs = parse_proc_cgroup(caller)
+            if self.cpu.at_root(procs):
+                return None
+            return self.cpu.placement(procs, lambda h, own: self.container_path(pid, h, own),
+                                      self.namespace_init(pid), with_start)
+
+        placement = self.placements.get(key, load)
+        if placement is not None and with_start and placement.start is None:
+            placement = self.cpu.with_start(placement)
+            self.placements.put(key, placement)
+        return caller, placement
+
+    def cpu_snapshot(self, pid: int) -> CpuSnapshot:
         if pid <= 0:
             return CpuSnapshot(None, self.host_stat, "")
-        caller = read_small(f"{self.proc}/{pid}/cgroup")
-        procs = parse_proc_cgroup(caller)
-        if self.cpu.at_root(procs):
+        caller, placement = self.cpu_placement(pid, with_start=True)
+        if placement is None:
             return CpuSnapshot(None, self.host_stat, "", caller)
-        view = self.cpu.view(procs, lambda h, own: self.container_path(pid, h, own),
-                             self.namespace_init(pid), light=light)
-        return CpuSnapshot(view, self.host_stat, self.host_cpuinfo(), caller)
+        return CpuSnapshot(self.cpu.view(placement), self.host_stat,
+                           self.host_cpuinfo(), caller)
 
     def host_memory(self) -> HostMemory:
         """The host's meminfo, at most HOST_MAX_AGE old: its figures only cap ours (free

@@ -30,6 +30,11 @@ class TtlCache(Generic[K, V]):
         self._entries[key] = (now, value)
         return value
 
+    def put(self, key: K, value: V) -> None:
+        """Replace a value, keeping the age of the entry it refines (a bound is a bound)."""
+        hit = self._entries.get(key)
+        self._entries[key] = (hit[0] if hit is not None else time.monotonic(), value)
+
     def _purge(self, now: float) -> None:
         """Drop what has expired (keys of removed cgroups and exited pids would otherwise
         pile up until the size bound); clear all if it is still full."""

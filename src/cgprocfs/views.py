@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from cgprocfs.cgroups import read_optional, read_small
 from cgprocfs.cpu import CpuView
-from cgprocfs.loadavg import Load, LoadSource, LoadTracker
+from cgprocfs.loadavg import LoadSource, LoadTracker
 from cgprocfs.render.cpu import (
     CpuTimes,
     cpu_times,
@@ -44,7 +44,6 @@ class CpuContext:
     view: CpuView
     snap: CpuSnapshot
     times: CpuTimes
-    load: Load | None = None
 
 
 CpuRenderer = Callable[[CpuContext], bytes]
@@ -130,11 +129,6 @@ def _cpu_list(c: CpuContext) -> bytes:
     return render_cpu_list(c.view)
 
 
-def _loadavg(c: CpuContext) -> bytes:
-    assert c.load is not None
-    return c.load.line().encode()
-
-
 VIEWS: tuple[View, ...] = (
     View("proc/meminfo", "/proc/meminfo", render_meminfo),
     View("proc/vmstat", "/proc/vmstat", render_vmstat, needs_events=True, runc_bindable=False),
@@ -144,7 +138,7 @@ VIEWS: tuple[View, ...] = (
     View("proc/stat", "/proc/stat",
          cpu_render=lambda c: render_stat(c.snap.host_stat, c.view, c.times)),
     View("proc/uptime", "/proc/uptime", cpu_render=lambda c: render_uptime(c.view, c.times)),
-    View("proc/loadavg", "/proc/loadavg", cpu_render=_loadavg, needs_load=True),
+    View("proc/loadavg", "/proc/loadavg", needs_load=True),
     *(View(f"sys/devices/system/cpu/{name}", f"/sys/devices/system/cpu/{name}",
            cpu_render=_cpu_list) for name in ("online", "possible", "present")),
     View("proc/diskstats", "/proc/diskstats", cgroup_render=_diskstats, controller="io"),
@@ -199,6 +193,8 @@ class Renderer:
         return self.render_for(view, pid).data
 
     def render_for(self, view: View, pid: int) -> Rendered:
+        if view.needs_load:
+            return self._render_load(view, pid)
         if view.cpu_render is not None:
             return self._render_cpu(view, view.cpu_render, pid)
         if view.cgroup_render is not None:
@@ -216,27 +212,36 @@ class Renderer:
 
     def _render_cpu(self, view: View, render: CpuRenderer, pid: int) -> Rendered:
         try:
-            snap = self.resolver.cpu_snapshot(pid, light=view.needs_load)
+            snap = self.resolver.cpu_snapshot(pid)
         except (OSError, OddCgroupData, ValueError, IndexError) as exc:
             self.fallbacks += 1
             self._warn_once(pid, exc)
             return Rendered(read_small(view.host_path).encode(), "")
         if snap.view is None:
             return Rendered(read_small(view.host_path).encode(), snap.caller)
-        if view.needs_load:  # a light snapshot: no CPU times to show or to remember
-            times = CpuTimes(0, 0, 0)
-        else:
-            key = (snap.view.cgroup, snap.view.start)
-            times = cpu_times(snap.view).at_least(self._times.get(key))
-            if self.shared_times is not None:
-                times = self.shared_times(key, times)
-            if len(self._times) > 8192:
-                self._times.clear()
-            self._times[key] = times
-        load = self.loads.read(snap.view.directory, snap.view.version, pid) \
-            if view.needs_load \
-            else None
-        return Rendered(render(CpuContext(snap.view, snap, times, load)), snap.caller)
+        key = (snap.view.cgroup, snap.view.start)
+        times = cpu_times(snap.view).at_least(self._times.get(key))
+        if self.shared_times is not None:
+            times = self.shared_times(key, times)
+        if len(self._times) > 8192:
+            self._times.clear()
+        self._times[key] = times
+        return Rendered(render(CpuContext(snap.view, snap, times)), snap.caller)
+
+    def _render_load(self, view: View, pid: int) -> Rendered:
+        """/proc/loadavg: which container, then its line as the load source has it."""
+        if pid <= 0:
+            return Rendered(read_small(view.host_path).encode(), "")
+        try:
+            caller, placement = self.resolver.cpu_placement(pid, with_start=False)
+            if placement is not None:
+                return Rendered(self.loads.line(placement.directory, placement.version, pid),
+                                caller)
+        except (OSError, OddCgroupData, ValueError, IndexError) as exc:
+            self.fallbacks += 1
+            self._warn_once(pid, exc)
+            caller = ""
+        return Rendered(read_small(view.host_path).encode(), caller)
 
     def visible_cpus(self, pid: int) -> tuple[int, ...] | None:
         """The host CPUs `pid` sees, in order; None: all of the host's (a caller at the

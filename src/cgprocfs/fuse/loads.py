@@ -48,6 +48,9 @@ class SharedLoads:
         self.sock.setblocking(False)
         self._version = -1
         self._table: dict[str, tuple[int, ...]] = {}
+        # Cleared with each new table (every SAMPLE_INTERVAL at most).
+        self._first: dict[str, Load] = {}
+        self._lines: dict[str, bytes] = {}
         self._reminded: dict[str, float] = {}
 
     def sample(self) -> int:
@@ -55,9 +58,32 @@ class SharedLoads:
         return 0
 
     def read(self, directory: str, version: int, reader: int = 0) -> Load:
+        key = self._refresh(directory, version, reader)
+        entry = self._table.get(key)
+        if entry is None:  # not sampled yet: its count at the first read, until sampled
+            load = self._first.get(key)
+            if load is None:
+                load = self._first[key] = Load.current(directory, version, reader)
+            return load
+        a1, a5, a15, running, threads, last_pid = entry
+        return Load([a1, a5, a15], running, threads, last_pid)
+
+    def line(self, directory: str, version: int, reader: int = 0) -> bytes:
+        """The file's bytes: the same from one published table to the next, so they are
+        formatted once per table and container."""
+        key = self._refresh(directory, version, reader)
+        text = self._lines.get(key)
+        if text is None:
+            text = self._lines[key] = self.read(directory, version, reader).line().encode()
+        return text
+
+    def _refresh(self, directory: str, version: int, reader: int) -> str:
+        """Take the sampler's latest table; remind it of this cgroup now and then."""
         key = _key(directory, version)
         if self.arena.loads_version() != self._version:
             self._version, self._table = self.arena.read_loads()
+            self._first.clear()
+            self._lines.clear()
         now = time.monotonic()
         if now - self._reminded.get(key, -REMIND_EVERY) >= REMIND_EVERY:
             try:
@@ -67,11 +93,7 @@ class SharedLoads:
                 pass  # the sampler is restarting; we remind it on a later read
             if len(self._reminded) > 100_000:
                 self._reminded.clear()
-        entry = self._table.get(key)
-        if entry is None:  # not sampled yet: its current count, as the sampler starts it
-            return Load.current(directory, version, reader)
-        a1, a5, a15, running, threads, last_pid = entry
-        return Load([a1, a5, a15], running, threads, last_pid)
+        return key
 
 
 def publish(arena: Arena, tracker: LoadTracker) -> None:

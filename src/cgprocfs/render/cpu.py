@@ -7,6 +7,7 @@ shows the container's load as a share of the CPUs it may use."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from cgprocfs.cpu import CLK_TCK, CpuView, format_cpu_list
@@ -95,6 +96,13 @@ def render_cpu_list(view: CpuView) -> bytes:
 def render_cpuinfo(host_cpuinfo: str, view: CpuView) -> bytes:
     """The host's blocks for the visible CPUs, renumbered from 0; sibling and core counts
     say what the container has."""
+    return _cpuinfo_for(host_cpuinfo, view.cpus)
+
+
+# Pure in its arguments, and the host's text changes only every CPUINFO_MAX_AGE: every
+# container with the same CPUs shows the same bytes until then.
+@functools.lru_cache(maxsize=256)
+def _cpuinfo_for(host_cpuinfo: str, cpus: tuple[int, ...]) -> bytes:
     blocks: dict[int, list[str]] = {}
     for block in host_cpuinfo.strip("\n").split("\n\n"):
         lines = block.splitlines()
@@ -104,9 +112,9 @@ def render_cpuinfo(host_cpuinfo: str, view: CpuView) -> bytes:
                 if value.strip().isdigit():
                     blocks[int(value)] = lines
                 break
-    n = len(view.cpus)
+    n = len(cpus)
     out = []
-    for new, cpu in enumerate(view.cpus):
+    for new, cpu in enumerate(cpus):
         lines = blocks.get(cpu) or next(iter(blocks.values()), [])
         fixed = []
         for line in lines:
