@@ -7,6 +7,7 @@ which is what the mount's root field in mountinfo is expressed in too.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -157,6 +158,9 @@ class ProcCgroups:
         return None
 
 
+# Every process of a container has the same text: parse it once. The result is shared, so
+# nobody may modify it.
+@functools.lru_cache(maxsize=1024)
 def parse_proc_cgroup(text: str) -> ProcCgroups:
     unified: str | None = None
     by_controller: dict[str, str] = {}

@@ -131,15 +131,16 @@ def _quota_at(d: str, version: int) -> float | None:
 @dataclass(frozen=True)
 class CpuPlacement:
     """Where a caller's CPU views come from: the slow-changing part of a CpuView, which the
-    Resolver keeps per container for at most PLACEMENT_MAX_AGE. `start` None: not looked
-    up yet (loadavg and the cpu directory do not need it)."""
+    Resolver keeps per container for at most PLACEMENT_MAX_AGE. `cpus` and `start` are
+    looked up when a view first needs them (loadavg needs neither); None: not yet."""
 
     version: int
     cgroup: str
     directory: str
-    cpus: tuple[int, ...]
-    start: float | None = None
+    procs: ProcCgroups
     ns_init: int | None = None
+    cpus: tuple[int, ...] | None = None
+    start: float | None = None
 
 
 class CpuReader:
@@ -173,7 +174,7 @@ class CpuReader:
         return tuple(cpuset[: visible_count(cpuset, quota)])
 
     def placement(self, procs: ProcCgroups, container: Callable[[Hierarchy, str], str],
-                  ns_init: int | None, with_start: bool) -> CpuPlacement:
+                  ns_init: int | None) -> CpuPlacement:
         acct = self.cpuacct or self.cpu
         if acct is None:
             raise OddCgroupData("no cpu accounting hierarchy")
@@ -181,21 +182,28 @@ class CpuReader:
         d = acct.directory(path)
         if d is None:
             raise OddCgroupData(f"cgroup {path} is outside the mounted hierarchy")
-        found = CpuPlacement(acct.version, path, d, self.cpus(procs), None, ns_init)
-        return self.with_start(found) if with_start else found
+        return CpuPlacement(acct.version, path, d, procs, ns_init)
 
-    def with_start(self, p: CpuPlacement) -> CpuPlacement:
-        return replace(p, start=self._start(p.directory, p.version, p.ns_init, host_uptime()))
+    def complete(self, p: CpuPlacement, with_cpus: bool, with_start: bool) -> CpuPlacement:
+        """`p` with the parts asked for looked up (itself when it has them)."""
+        if with_cpus and p.cpus is None:
+            p = replace(p, cpus=self.cpus(p.procs))
+        if with_start and p.start is None:
+            p = replace(p, start=self._start(p.directory, p.version, p.ns_init, host_uptime()))
+        return p
 
-    def view(self, p: CpuPlacement) -> CpuView:
-        """The figures of this moment (`p` with its start looked up)."""
+    def view(self, p: CpuPlacement, with_tasks: bool = True) -> CpuView:
+        """The figures of this moment (`p` completed with its CPUs and start). Task counts
+        only `with_tasks` (/proc/stat and sysinfo show them; they cost a walk)."""
         now = host_uptime()
         user_us, system_us = self._usage(p.version, p.directory)
         start = now if p.start is None else p.start
         d, version = p.directory, p.version
-        running, blocked, threads, _ = self._tasks.get(
-            (d, version), lambda: task_states(d, version))
-        return CpuView(version, p.cgroup, p.cpus, user_us, system_us, start, now,
+        running = blocked = threads = 0
+        if with_tasks:
+            running, blocked, threads, _ = self._tasks.get(
+                (d, version), lambda: task_states(d, version))
+        return CpuView(version, p.cgroup, p.cpus or (), user_us, system_us, start, now,
                        running, blocked, threads, d)
 
     def _cpuset(self, procs: ProcCgroups, online: list[int]) -> list[int]:

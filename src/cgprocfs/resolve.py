@@ -261,10 +261,11 @@ class Resolver:
         """The host CPUs `pid` sees; None for a caller at the root (all of the host's)."""
         if pid <= 0:
             return None
-        _, placement = self.cpu_placement(pid, with_start=False)
+        _, placement = self.cpu_placement(pid, with_cpus=True)
         return None if placement is None else placement.cpus
 
-    def cpu_placement(self, pid: int, with_start: bool) -> tuple[str, CpuPlacement | None]:
+    def cpu_placement(self, pid: int, with_cpus: bool = True, with_start: bool = False
+                      ) -> tuple[str, CpuPlacement | None]:
         """(the caller's /proc/PID/cgroup, where its CPU views come from; None at the root).
         Kept per (cgroup membership, pid namespace) for PLACEMENT_MAX_AGE: a container's
         CPUs, quota, cgroup and start are configuration, re-read at least that often."""
@@ -277,21 +278,23 @@ class Resolver:
             if self.cpu.at_root(procs):
                 return None
             return self.cpu.placement(procs, lambda h, own: self.container_path(pid, h, own),
-                                      self.namespace_init(pid), with_start)
+                                      self.namespace_init(pid))
 
         placement = self.placements.get(key, load)
-        if placement is not None and with_start and placement.start is None:
-            placement = self.cpu.with_start(placement)
-            self.placements.put(key, placement)
+        if placement is not None:
+            done = self.cpu.complete(placement, with_cpus, with_start)
+            if done is not placement:
+                self.placements.put(key, done)
+            placement = done
         return caller, placement
 
-    def cpu_snapshot(self, pid: int) -> CpuSnapshot:
+    def cpu_snapshot(self, pid: int, with_tasks: bool = True) -> CpuSnapshot:
         if pid <= 0:
             return CpuSnapshot(None, self.host_stat, "")
-        caller, placement = self.cpu_placement(pid, with_start=True)
+        caller, placement = self.cpu_placement(pid, with_cpus=True, with_start=True)
         if placement is None:
             return CpuSnapshot(None, self.host_stat, "", caller)
-        return CpuSnapshot(self.cpu.view(placement), self.host_stat,
+        return CpuSnapshot(self.cpu.view(placement, with_tasks), self.host_stat,
                            self.host_cpuinfo(), caller)
 
     def host_memory(self) -> HostMemory:

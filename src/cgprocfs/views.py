@@ -111,6 +111,7 @@ class View:
     cpu_render: CpuRenderer | None = None
     needs_events: bool = False  # memory.events / oom_control: only vmstat shows them
     needs_load: bool = False  # the container's load averages (loadavg)
+    needs_tasks: bool = False  # the container's task counts (/proc/stat)
     # Views computed from one file of the container's cgroup in `controller`'s hierarchy.
     cgroup_render: CgroupRenderer | None = None
     controller: str = ""
@@ -136,7 +137,7 @@ VIEWS: tuple[View, ...] = (
     View("proc/cpuinfo", "/proc/cpuinfo",
          cpu_render=lambda c: render_cpuinfo(c.snap.host_cpuinfo, c.view)),
     View("proc/stat", "/proc/stat",
-         cpu_render=lambda c: render_stat(c.snap.host_stat, c.view, c.times)),
+         cpu_render=lambda c: render_stat(c.snap.host_stat, c.view, c.times), needs_tasks=True),
     View("proc/uptime", "/proc/uptime", cpu_render=lambda c: render_uptime(c.view, c.times)),
     View("proc/loadavg", "/proc/loadavg", needs_load=True),
     *(View(f"sys/devices/system/cpu/{name}", f"/sys/devices/system/cpu/{name}",
@@ -212,7 +213,7 @@ class Renderer:
 
     def _render_cpu(self, view: View, render: CpuRenderer, pid: int) -> Rendered:
         try:
-            snap = self.resolver.cpu_snapshot(pid)
+            snap = self.resolver.cpu_snapshot(pid, with_tasks=view.needs_tasks)
         except (OSError, OddCgroupData, ValueError, IndexError) as exc:
             self.fallbacks += 1
             self._warn_once(pid, exc)
@@ -233,7 +234,7 @@ class Renderer:
         if pid <= 0:
             return Rendered(read_small(view.host_path).encode(), "")
         try:
-            caller, placement = self.resolver.cpu_placement(pid, with_start=False)
+            caller, placement = self.resolver.cpu_placement(pid, with_cpus=False)
             if placement is not None:
                 return Rendered(self.loads.line(placement.directory, placement.version, pid),
                                 caller)

@@ -78,15 +78,21 @@ def stat_value(view: MemoryView, v2_key: str, v1_key: str | None) -> int:
     return max(0, value)
 
 
+# (meminfo key, memory.stat key) per version; v1 prefers the hierarchical total_ figure.
+_V2_KEYS = tuple((k, v2) for k, (v2, _) in STAT_FIELDS.items())
+_V1_KEYS = tuple((k, "total_" + v1, v1) for k, (_, v1) in STAT_FIELDS.items() if v1 is not None)
+_V1_ABSENT = tuple(k for k, (_, v1) in STAT_FIELDS.items() if v1 is None)
+
+
 def _stat_fields(view: MemoryView) -> dict[str, int]:
     """All STAT_FIELDS at once (the hot path: one dict lookup per field)."""
-    stat = view.stat
+    get = view.stat.get
     if view.version == 2:
-        return {k: max(0, stat.get(v2, 0)) for k, (v2, _) in STAT_FIELDS.items()}
-    out = {}
-    for k, (_, v1) in STAT_FIELDS.items():
-        value = 0 if v1 is None else stat.get("total_" + v1, stat.get(v1, 0))
-        out[k] = max(0, value)
+        return {k: max(0, get(v2, 0)) for k, v2 in _V2_KEYS}
+    out = dict.fromkeys(_V1_ABSENT, 0)
+    for k, total, own in _V1_KEYS:
+        value = get(total)
+        out[k] = max(0, get(own, 0) if value is None else value)
     return out
 
 
