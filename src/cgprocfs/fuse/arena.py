@@ -47,6 +47,7 @@ FREE = 0
 IN_USE = 1
 READ_ONCE = 1  # slot flag: the handle has been read (a read at 0 then renders again)
 
+SPINNER_OFF = 64  # header byte: 1 + the seat of the worker spinning for requests, or 0
 # header: magic, seats, slots per seat, kernel minor, init flags, restarts, poisoned,
 # created, loads version, loads buffer, loads length
 _HEADER = struct.Struct("<8sIIIIIIdQII")
@@ -130,6 +131,18 @@ class Arena:
     @property
     def kernel_minor(self) -> int:
         return int(struct.unpack_from("<I", self.mem, 16)[0])
+
+    def start_spinning(self, seat: int) -> bool:
+        """Become the one worker that spins for the next request, unless another is. Two
+        may race here and both spin once: harmless, and cheaper than a lock."""
+        if self.mem[SPINNER_OFF]:
+            return False
+        self.mem[SPINNER_OFF] = seat + 1
+        return True
+
+    def stop_spinning(self, seat: int) -> None:
+        if self.mem[SPINNER_OFF] == seat + 1:
+            self.mem[SPINNER_OFF] = 0
 
     def add_restart(self) -> None:
         n = struct.unpack_from("<I", self.mem, 24)[0]
