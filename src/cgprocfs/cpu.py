@@ -125,7 +125,9 @@ def _quota_at(d: str, version: int) -> float | None:
         text = read_optional(f"{d}/cpu.max")
         return parse_quota(text, 2) if text is not None else None
     text = read_optional(f"{d}/cpu.cfs_quota_us")
-    return None if text is None else parse_quota(text, 1, read_optional(f"{d}/cpu.cfs_period_us"))
+    if text is None or text.strip() == "-1":  # no quota here: its period does not matter
+        return None
+    return parse_quota(text, 1, read_optional(f"{d}/cpu.cfs_period_us"))
 
 
 @dataclass(frozen=True)

@@ -99,3 +99,17 @@ def test_cpu_counters_shown_never_go_back_across_workers() -> None:
     assert b.times_at_least(12345, (11, 5, 99)) == (11, 5, 100)  # idle stays at 100
     assert a.times_at_least(999, (1, 1, 1)) == (1, 1, 1)  # another container: its own
     assert a.times_at_least(12345, (9, 9, 9)) == (11, 9, 100)
+
+
+def test_one_spinner_at_a_time_and_a_dead_ones_flag_is_cleared_by_its_seat() -> None:
+    a = Arena.create(seats=3, slots_per_seat=2)
+    b = Arena(a.fd)  # another worker's mapping
+    assert a.start_spinning(0)
+    assert not b.start_spinning(1)  # seat 0 spins: seat 1 blocks in read() instead
+    b.stop_spinning(1)  # not its flag: nothing changes
+    assert not b.start_spinning(2)
+    # Seat 0's worker is killed while spinning; its successor clears the flag at start.
+    Arena(a.fd).stop_spinning(0)
+    assert b.start_spinning(1)
+    b.stop_spinning(1)
+    assert a.start_spinning(2)
