@@ -141,7 +141,10 @@ def test_doctor_finds_a_stale_mount(root_fuse: None, tmp_path: Path) -> None:
         d.proc.wait()
         res = cgprocfs("doctor", env={"CGPROCFS_MOUNTPOINT": str(d.mountpoint)})
         assert res.returncode == 1
-        assert "Transport endpoint is not connected" in res.stdout, res.stdout
+        # ENOTCONN once the connection is gone; ECONNABORTED for doctor's own request when
+        # it was queued while the last worker was exiting. Both are a dead daemon's mount.
+        assert ("Transport endpoint is not connected" in res.stdout
+                or "Software caused connection abort" in res.stdout), res.stdout
         assert "fix: restart the daemon" in res.stdout
 
 
