@@ -6,8 +6,8 @@ It is what makes worker processes interchangeable and replaceable at any moment:
   the seat empty only after the reply is written. A worker killed in between leaves the
   request there; its successor in the same seat answers it (the kernel keeps waiting for
   a reply to a request that was read, so nothing is lost and nothing fails). A crash
-  counter per seat stops a request that kills every worker (answered EIO after
-  MAX_ATTEMPTS).
+  counter per seat (bumped by the supervisor when a worker dies of a crash, not of a
+  kill) stops a request that crashes every worker (answered EIO after MAX_ATTEMPTS).
 - **handle slots**: the bytes rendered at OPEN live here, so a READ can be answered by any
   worker, of any generation. A file handle is (slot generation << 32 | slot): a stale
   handle never reads another open's bytes. Slots are partitioned among seats so that
@@ -178,6 +178,10 @@ class Arena:
 
     def clear_seat(self, seat: int) -> None:
         struct.pack_into("<I", self.mem, self.seat_off(seat) + SEAT_HEAD, 0)
+
+    def attempts(self, seat: int) -> int:
+        """How many workers crashed holding the request in this seat."""
+        return int(struct.unpack_from("<I", self.mem, self.seat_off(seat))[0])
 
     def bump_attempts(self, seat: int) -> int:
         off = self.seat_off(seat)

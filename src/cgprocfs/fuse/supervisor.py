@@ -91,6 +91,17 @@ class Connection:
         return conn
 
 
+# Deaths that may be a request's doing: a crash signal, or an exit with an error status.
+CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE,
+                           signal.SIGABRT, signal.SIGSYS, signal.SIGTRAP})
+
+
+def crashed(status: int) -> bool:
+    if os.WIFSIGNALED(status):
+        return os.WTERMSIG(status) in CRASH_SIGNALS
+    return os.waitstatus_to_exitcode(status) != 0
+
+
 class Supervisor:
     def __init__(self, cfg: Config, conn: Connection, mountpoint: str, workers: int,
                  on_unmount: Callable[[], None], keep_mount: bool = False,
@@ -270,6 +281,11 @@ class Supervisor:
             log.warning("%s %d (seat %d) ended with %s; starting another%s", child.role,
                         pid, child.seat, how, " to answer its request" if pending else "")
             self.conn.arena.add_restart()
+            if pending and crashed(status):
+                # Counted for the crash-loop guard: the request it held may be the cause.
+                # A kill from outside (SIGKILL, SIGTERM: an operator, a test, a rollout)
+                # says nothing about the request, which the next worker simply answers.
+                self.conn.arena.bump_attempts(child.seat)
             key = child.seat
             # A process that served is replaced at once (readers are waiting). One that
             # dies before it serves, again and again (a broken install), is started again

@@ -179,18 +179,19 @@ class Worker:
         """A request our predecessor in this seat read but did not answer."""
         if not self.arena.pending_length(self.seat):
             return
-        attempts = self.arena.bump_attempts(self.seat)
-        if attempts >= MAX_ATTEMPTS:
-            # This request has killed the worker every time: answer EIO, keep the mount.
+        crashes = self.arena.attempts(self.seat)
+        if crashes >= MAX_ATTEMPTS:
+            # This request crashed every worker that took it: answer EIO, keep the mount.
             _, opcode, unique, nodeid, *_ = abi.IN_HEADER.unpack_from(self.buf, 0)
-            log.error("request %d (opcode %d, inode %d) killed %d workers; answering EIO",
-                      unique, opcode, nodeid, attempts)
+            log.error("request %d (opcode %d, inode %d) crashed %d workers; answering EIO",
+                      unique, opcode, nodeid, crashes)
             self.arena.add_poisoned()
             self._reply(unique, -errno.EIO, b"", opcode, 0)
             self.arena.clear_seat(self.seat)
             self.arena.reset_attempts(self.seat)
             return
-        log.warning("answering request left by a previous worker (attempt %d)", attempts)
+        log.warning("answering a request left by a previous worker (after %d crashes)",
+                    crashes)
         self.handle()
         self.arena.reset_attempts(self.seat)
 

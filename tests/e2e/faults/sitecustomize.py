@@ -3,8 +3,9 @@ on PYTHONPATH, acting only in the daemon's worker processes (CGPROCFS_SEAT set):
 
 FAULT_KIND=raise  the renderer raises RuntimeError on its first two calls (a bug: EIO)
 FAULT_KIND=odd    the first snapshot raises OddCgroupData (odd cgroup data: host file)
-FAULT_KIND=kill   rendering FAULT_VIEW (default proc/uptime) kills the worker (SIGKILL):
-                  a request that crashes every worker (the crash-loop guard answers EIO)
+FAULT_KIND=crash  rendering FAULT_VIEW (default proc/uptime) crashes the worker (SIGSEGV,
+                  no core file): a request that crashes every worker (the crash-loop
+                  guard answers EIO)
 """
 
 import os
@@ -28,12 +29,15 @@ if kind and os.environ.get("CGPROCFS_SEAT"):
             return real_render(self, view, pid)
 
         views.Renderer.render_for = render  # type: ignore[method-assign]
-    elif kind == "kill":
+    elif kind == "crash":
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         target = os.environ.get("FAULT_VIEW", "proc/uptime")
 
         def render_or_die(self, view, pid):  # type: ignore[no-untyped-def]
             if view.path == target:
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), signal.SIGSEGV)
             return real_render(self, view, pid)
 
         views.Renderer.render_for = render_or_die  # type: ignore[method-assign]
