@@ -58,7 +58,20 @@ class SharedLoads:
         return 0
 
     def read(self, directory: str, version: int, reader: int = 0) -> Load:
+        return self._load(self._refresh(directory, version, reader), directory, version,
+                          reader)
+
+    def line(self, directory: str, version: int, reader: int = 0) -> bytes:
+        """The file's bytes: the same from one published table to the next, so they are
+        formatted once per table and container."""
         key = self._refresh(directory, version, reader)
+        text = self._lines.get(key)
+        if text is None:
+            load = self._load(key, directory, version, reader)
+            text = self._lines[key] = load.line().encode()
+        return text
+
+    def _load(self, key: str, directory: str, version: int, reader: int) -> Load:
         entry = self._table.get(key)
         if entry is None:  # not sampled yet: its count at the first read, until sampled
             load = self._first.get(key)
@@ -67,15 +80,6 @@ class SharedLoads:
             return load
         a1, a5, a15, running, threads, last_pid = entry
         return Load([a1, a5, a15], running, threads, last_pid)
-
-    def line(self, directory: str, version: int, reader: int = 0) -> bytes:
-        """The file's bytes: the same from one published table to the next, so they are
-        formatted once per table and container."""
-        key = self._refresh(directory, version, reader)
-        text = self._lines.get(key)
-        if text is None:
-            text = self._lines[key] = self.read(directory, version, reader).line().encode()
-        return text
 
     def _refresh(self, directory: str, version: int, reader: int) -> str:
         """Take the sampler's latest table; remind it of this cgroup now and then."""

@@ -53,8 +53,9 @@ log = logging.getLogger("cgprocfs.worker")
 # After answering, one worker at a time keeps polling /dev/fuse this long before it
 # blocks in read(). A reader's requests come in quick succession (OPEN, READ, READ at EOF,
 # RELEASE; the next file): a worker already running picks the next one up at once, where
-# a blocked one has to be woken, on this kind of VM ~20 µs and more across CPUs. Measured
-# with one reader: 1.3-1.6x the opens per second, p99 -30-40 %, +11 % worker CPU per open.
+# a blocked one has to be woken (an open of uptime: p50 76 µs on one CPU, 195 across two,
+# on the 2-vCPU test VM). Measured with one reader: 1.3-1.6x the opens per second, p99
+# -30-40 %, +11 % worker CPU per open.
 SPIN_US = 25.0
 # Spinning only pays while it catches requests: a `top` polling once a second is woken
 # from sleep between its requests, which takes longer than the spin, and every spin would
