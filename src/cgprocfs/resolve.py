@@ -36,7 +36,7 @@ from cgprocfs.snapshot import (
     parse_limit,
     parse_meminfo,
 )
-from cgprocfs.ttl import TtlCache
+from cgprocfs.ttl import SharedTable, Sharing, TtlCache
 
 
 @dataclass(frozen=True)
@@ -198,6 +198,27 @@ def _v1_view(
     )
 
 
+def _placement_key(key: tuple[str, str]) -> bytes:
+    # Versioned: workers of two releases may briefly serve side by side.
+    return f"placement/1\0{key[0]}\0{key[1]}".encode()
+
+
+def _dump_placement(p: CpuPlacement | None) -> object:
+    if p is None:
+        return None
+    return (p.version, p.cgroup, p.directory, p.ns_init, p.cpus, p.start)
+
+
+def _load_placement(key: tuple[str, str], data: object) -> CpuPlacement | None:
+    if data is None:
+        return None
+    if not isinstance(data, tuple) or len(data) != 6:
+        raise ValueError("not a placement")
+    version, cgroup, directory, ns_init, cpus, start = data
+    return CpuPlacement(int(version), str(cgroup), str(directory), parse_proc_cgroup(key[0]),
+                        ns_init, None if cpus is None else tuple(cpus), start)
+
+
 def _ppid(proc: str, pid: int) -> int:
     return int(proc_stat_fields(pid, proc)[1])
 
@@ -287,6 +308,13 @@ class Resolver:
                 self.placements.put(key, done)
             placement = done
         return caller, placement
+
+    def share_placements(self, table: SharedTable) -> None:
+        """Let sibling processes (the FUSE workers) use each other's CPU placements: a
+        container is then looked up once per PLACEMENT_MAX_AGE by the daemon, not once by
+        every worker that serves it."""
+        self.placements.sharing = Sharing(table, _placement_key, _dump_placement,
+                                          _load_placement)
 
     def cpu_snapshot(self, pid: int, with_tasks: bool = True) -> CpuSnapshot:
         if pid <= 0:

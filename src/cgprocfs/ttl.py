@@ -1,20 +1,45 @@
 """One small cache with an explicit freshness bound, for everything the daemon may serve
-from memory: a value is reloaded once it is older than `max_age` seconds."""
+from memory: a value is reloaded once it is older than `max_age` seconds.
+
+A cache may also be backed by a table its sibling processes share (the FUSE workers'
+arena): a value one worker loaded serves the others too, with the age it was loaded at,
+so the bound holds whichever process answers."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Hashable
-from typing import Generic, TypeVar
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+
+
+class SharedTable(Protocol):
+    """Values (marshal-able) by key, seen by several processes; loaded_at is
+    time.monotonic(), which all processes of a host share."""
+
+    def fetch_shared(self, key: bytes) -> tuple[float, object] | None: ...
+
+    def store_shared(self, key: bytes, loaded_at: float, value: object) -> None: ...
+
+
+@dataclass(frozen=True)
+class Sharing(Generic[K, V]):
+    """How one cache's entries go into and come out of a SharedTable."""
+
+    table: SharedTable
+    key: Callable[[K], bytes]
+    dump: Callable[[V], object]
+    load: Callable[[K, object], V]  # may raise ValueError, TypeError or IndexError
 
 
 class TtlCache(Generic[K, V]):
     def __init__(self, max_age: float, max_entries: int = 8192) -> None:
         self.max_age = max_age
         self.max_entries = max_entries
+        self.sharing: Sharing[K, V] | None = None
         self._entries: dict[K, tuple[float, V]] = {}
         self._inserts = 0
 
@@ -23,17 +48,41 @@ class TtlCache(Generic[K, V]):
         hit = self._entries.get(key)
         if hit is not None and now - hit[0] < self.max_age:
             return hit[1]
+        if self.sharing is not None:
+            shared = self._from_shared(self.sharing, key, now)
+            if shared is not None:
+                self._entries[key] = shared
+                return shared[1]
         value = load()
         self._inserts += 1
         if self._inserts % 512 == 0 or len(self._entries) >= self.max_entries:
             self._purge(now)
         self._entries[key] = (now, value)
+        if self.sharing is not None:
+            self._to_shared(self.sharing, key, now, value)
         return value
 
     def put(self, key: K, value: V) -> None:
         """Replace a value, keeping the age of the entry it refines (a bound is a bound)."""
         hit = self._entries.get(key)
-        self._entries[key] = (hit[0] if hit is not None else time.monotonic(), value)
+        at = hit[0] if hit is not None else time.monotonic()
+        self._entries[key] = (at, value)
+        if self.sharing is not None:
+            self._to_shared(self.sharing, key, at, value)
+
+    def _from_shared(self, sharing: Sharing[K, V], key: K, now: float
+                     ) -> tuple[float, V] | None:
+        got = sharing.table.fetch_shared(sharing.key(key))
+        if got is None or now - got[0] >= self.max_age:
+            return None
+        try:
+            return got[0], sharing.load(key, got[1])
+        except (ValueError, TypeError, IndexError):
+            return None  # not what this version stores: load it ourselves
+
+    @staticmethod
+    def _to_shared(sharing: Sharing[K, V], key: K, at: float, value: V) -> None:
+        sharing.table.store_shared(sharing.key(key), at, sharing.dump(value))
 
     def _purge(self, now: float) -> None:
         """Drop what has expired (keys of removed cgroups and exited pids would otherwise

@@ -24,6 +24,8 @@ from support import (
     run_in_container,
 )
 
+from cgprocfs.resolve import PLACEMENT_MAX_AGE
+
 ONLINE = len(os.sched_getaffinity(0))
 BURN = [PYTHON, "-c", "import time\nt = time.time()\nwhile time.time() - t < 90: pass"]
 
@@ -60,6 +62,25 @@ def test_a_quota_of_one_and_a_half_cpus_shows_two(daemon: Daemon) -> None:
         ct.set_cpus(1.5)
         want = min(ONLINE, 2)
         assert counts(ct, daemon) == [want] * 5
+
+
+def test_a_quota_change_reaches_every_worker_within_the_placement_bound(
+        daemon: Daemon) -> None:
+    """Workers share each container's CPU placement (one looks it up, the others use it
+    until PLACEMENT_MAX_AGE): a change must still show in every read after that bound."""
+    if ONLINE < 2:
+        pytest.skip(f"needs two online CPUs to see a quota change; this machine has {ONLINE}")
+    loop = "for i in $(seq 40); do grep -c ^processor /proc/cpuinfo; done"
+    with make_container(256 << 20) as ct:
+        ct.set_cpus(1.0)
+        before = run_in_container(ct, daemon.mountpoint, ["sh", "-c", loop],
+                                  views=ALL_VIEW_FILES).split()
+        ct.set_cpus(2.0)
+        time.sleep(PLACEMENT_MAX_AGE + 0.2)
+        after = run_in_container(ct, daemon.mountpoint, ["sh", "-c", loop],
+                                 views=ALL_VIEW_FILES).split()
+    assert before == ["1"] * 40
+    assert after == ["2"] * 40
 
 
 def top_us(ct: Container, daemon: Daemon) -> float:

@@ -113,3 +113,40 @@ def test_one_spinner_at_a_time_and_a_dead_ones_flag_is_cleared_by_its_seat() -> 
     assert b.start_spinning(1)
     b.stop_spinning(1)
     assert a.start_spinning(2)
+
+
+def test_shared_entries_serve_every_mapping_and_never_another_key() -> None:
+    a = make()
+    other = Arena(a.fd)
+    a.store_shared(b"placement/1\0ct-1", 10.5, (1, "/ct-1", "/sys/fs/cgroup/cpu/ct-1", None,
+                                                (0, 1), 3.25))
+    assert other.fetch_shared(b"placement/1\0ct-1") == (
+        10.5, (1, "/ct-1", "/sys/fs/cgroup/cpu/ct-1", None, (0, 1), 3.25))
+    assert other.fetch_shared(b"placement/1\0ct-2") is None
+    other.store_shared(b"placement/1\0ct-1", 11.0, None)  # replaced in place
+    assert a.fetch_shared(b"placement/1\0ct-1") == (11.0, None)
+    a.store_shared(b"big", 1.0, "x" * 10_000)  # too large to share: dropped
+    assert a.fetch_shared(b"big") is None
+    a.store_shared(b"odd", 1.0, object())  # not marshal-able: dropped
+    assert a.fetch_shared(b"odd") is None
+
+
+def test_a_torn_shared_entry_reads_as_missing() -> None:
+    a = make()
+    a.store_shared(b"k", 5.0, ("/ct-1", 1))
+    # Find the entry and change one byte of its value, as a concurrent rewrite would.
+    base = a.layout.shared_off
+    raw = bytes(a.mem[base:])
+    at = raw.find(b"/ct-1")
+    assert at > 0
+    a.mem[base + at + 4] = ord("2")
+    assert a.fetch_shared(b"k") is None
+
+
+def test_an_arena_of_an_earlier_release_grows_to_take_the_shared_entries() -> None:
+    a = make()
+    os.ftruncate(a.fd, a.layout.shared_off)  # what a release without them allocated
+    taken = Arena(a.fd)
+    assert os.fstat(a.fd).st_size == taken.layout.size
+    taken.store_shared(b"k", 1.0, 7)
+    assert taken.fetch_shared(b"k") == (1.0, 7)

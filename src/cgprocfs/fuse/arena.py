@@ -13,6 +13,8 @@ It is what makes worker processes interchangeable and replaceable at any moment:
   handle never reads another open's bytes. Slots are partitioned among seats so that
   only one process allocates in each range (no locks); any process may free a slot.
 - **counters** per seat and a **loads** area (the load sampler's published table).
+- **shared entries**: configuration one worker looked up (a container's CPU placement),
+  so the others need not look it up again within its freshness bound.
 
 Everything is plain stores into a MAP_SHARED mapping: one writer per field, or a single
 byte (slot state), so no lock is ever needed.
@@ -20,6 +22,7 @@ byte (slot state), so no lock is ever needed.
 
 from __future__ import annotations
 
+import hashlib
 import marshal
 import mmap
 import os
@@ -41,6 +44,11 @@ LOADS_AREA = 512 * 1024  # two buffers of half this size
 TIMES_ENTRIES = 4096
 TIMES_ENTRY = struct.Struct("<QQQQQ")  # key user system idle check
 TIMES_PROBES = 8
+SHARED_ENTRIES = 2048
+SHARED_ENTRY_SIZE = 512
+SHARED_HEAD = struct.Struct("<16s8sdI4x")  # key digest, check, loaded at, blob length
+SHARED_BLOB_MAX = SHARED_ENTRY_SIZE - SHARED_HEAD.size
+SHARED_PROBES = 8
 MAX_ATTEMPTS = 3
 
 FREE = 0
@@ -87,23 +95,37 @@ class Layout:
         return self.seats_off + self.seats * SEAT_SIZE
 
     @property
-    def size(self) -> int:
+    def shared_off(self) -> int:
+        # Last, so that an arena taken over from an earlier version (which ended with the
+        # slots) only has to grow: every region before keeps its place.
         return self.slots_off + self.slots * SLOT_SIZE
+
+    @property
+    def size(self) -> int:
+        return self.shared_off + SHARED_ENTRIES * SHARED_ENTRY_SIZE
 
 
 def _align(n: int, to: int) -> int:
     return (n + to - 1) // to * to
 
 
+def _check(digest: bytes, loaded_at: float, blob: bytes) -> bytes:
+    return hashlib.blake2b(digest + struct.pack("<d", loaded_at) + blob,
+                           digest_size=8).digest()
+
+
 class Arena:
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        size = os.fstat(fd).st_size
-        self.mem = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        magic, seats, per_seat = struct.unpack_from("<8sII", self.mem, 0)
+        with mmap.mmap(fd, HEADER_SIZE, mmap.MAP_SHARED, mmap.PROT_READ) as head:
+            magic, seats, per_seat = struct.unpack_from("<8sII", head, 0)
         if magic != MAGIC:
             raise ValueError("not a cgprocfs arena")
         self.layout = Layout(seats, per_seat)
+        if os.fstat(fd).st_size < self.layout.size:
+            os.ftruncate(fd, self.layout.size)  # taken over from an earlier version
+        self.mem = mmap.mmap(fd, self.layout.size, mmap.MAP_SHARED,
+                             mmap.PROT_READ | mmap.PROT_WRITE)
         self.view = memoryview(self.mem)
         # Plain attributes: these are on the path of every request.
         self.slots = self.layout.slots
@@ -300,6 +322,58 @@ class Arena:
         u, s, i = values
         TIMES_ENTRY.pack_into(self.mem, first_free, key, u, s, i, key ^ u ^ s ^ i)
         return values
+
+    # ---- shared entries ---------------------------------------------------------------
+    def fetch_shared(self, key: bytes) -> tuple[float, object] | None:
+        """(loaded at, value) last stored under `key` by any worker, or None. An entry
+        being rewritten while it is read fails its check and reads as None: a 128-bit key
+        digest and a 64-bit check over the whole entry keep one key's value from ever
+        being taken for another's."""
+        digest = hashlib.blake2b(key, digest_size=16).digest()
+        base = self.layout.shared_off
+        h = int.from_bytes(digest[:8], "little")
+        for probe in range(SHARED_PROBES):
+            off = base + ((h + probe) % SHARED_ENTRIES) * SHARED_ENTRY_SIZE
+            if self.mem[off : off + 16] != digest:
+                continue
+            _, check, at, n = SHARED_HEAD.unpack_from(self.mem, off)
+            if n > SHARED_BLOB_MAX:
+                return None
+            start = off + SHARED_HEAD.size
+            blob = self.mem[start : start + n]
+            if _check(digest, at, blob) != check:
+                return None
+            try:
+                return at, marshal.loads(blob)
+            except (ValueError, EOFError, TypeError):
+                return None
+        return None
+
+    def store_shared(self, key: bytes, loaded_at: float, value: object) -> None:
+        """Share `value` (marshal-able; dropped if too large) under `key`, replacing the
+        entry of the same key, else an empty one, else the oldest probed."""
+        try:
+            blob = marshal.dumps(value)  # type: ignore[arg-type]
+        except ValueError:
+            return  # not marshal-able: not shared
+        if len(blob) > SHARED_BLOB_MAX:
+            return
+        digest = hashlib.blake2b(key, digest_size=16).digest()
+        base = self.layout.shared_off
+        h = int.from_bytes(digest[:8], "little")
+        target, oldest = -1, float("inf")
+        for probe in range(SHARED_PROBES):
+            off = base + ((h + probe) % SHARED_ENTRIES) * SHARED_ENTRY_SIZE
+            d, _, at, _ = SHARED_HEAD.unpack_from(self.mem, off)
+            if d == digest:
+                target = off
+                break
+            if at < oldest:  # an empty entry has 0.0: the oldest of all
+                target, oldest = off, at
+        start = target + SHARED_HEAD.size
+        self.mem[start : start + len(blob)] = blob
+        SHARED_HEAD.pack_into(self.mem, target, digest, _check(digest, loaded_at, blob),
+                              loaded_at, len(blob))
 
     # ---- published loads -------------------------------------------------------------
     def publish_loads(self, table: dict[str, tuple[int, ...]]) -> None:

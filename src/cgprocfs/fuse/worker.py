@@ -106,6 +106,7 @@ def build_renderer(cfg: Config, loads_fd: int | None, arena: Arena) -> Renderer:
         return CpuTimes(*arena.times_at_least(h, (times.user, times.system, times.idle)))
 
     renderer.shared_times = shared_times
+    resolver.share_placements(arena)
     return renderer
 
 

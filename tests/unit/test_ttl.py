@@ -1,0 +1,48 @@
+"""TtlCache: values reload after their bound, and with a shared table one process's load
+serves its siblings with the age it was loaded at."""
+
+from __future__ import annotations
+
+import time
+
+from cgprocfs.fuse.arena import Arena
+from cgprocfs.ttl import Sharing, TtlCache
+
+
+def shared_cache(arena: Arena, max_age: float) -> TtlCache[str, tuple[int, str]]:
+    cache = TtlCache[str, tuple[int, str]](max_age)
+    cache.sharing = Sharing(arena, lambda k: f"test/1\0{k}".encode(), lambda v: v,
+                            lambda k, data: (int(data[0]), str(data[1])))  # type: ignore[index]
+    return cache
+
+
+def test_a_value_is_reloaded_after_its_bound() -> None:
+    cache = TtlCache[str, int](0.05)
+    loads = []
+    assert cache.get("a", lambda: loads.append(1) or 1) == 1
+    assert cache.get("a", lambda: loads.append(2) or 2) == 1
+    time.sleep(0.06)
+    assert cache.get("a", lambda: loads.append(3) or 3) == 3
+    assert loads == [1, 3]
+
+
+def test_siblings_share_loads_within_the_bound_and_reload_after_it() -> None:
+    arena = Arena.create(seats=2, slots_per_seat=4)
+    one, two = shared_cache(arena, 0.2), shared_cache(Arena(arena.fd), 0.2)
+    assert one.get("ct-1", lambda: (1, "one")) == (1, "one")
+    # The sibling takes the shared value instead of loading its own.
+    assert two.get("ct-1", lambda: (2, "two")) == (1, "one")
+    assert two.get("ct-2", lambda: (3, "two")) == (3, "two")  # another key: loaded
+    one.put("ct-1", (4, "refined"))  # a refinement keeps its age and is shared too
+    fresh = shared_cache(Arena(arena.fd), 0.2)
+    assert fresh.get("ct-1", lambda: (5, "x")) == (4, "refined")
+    time.sleep(0.25)  # past the bound: shared or not, the value is loaded again
+    assert two.get("ct-1", lambda: (6, "two")) == (6, "two")
+    assert fresh.get("ct-1", lambda: (7, "x")) == (6, "two")
+
+
+def test_a_shared_value_this_release_cannot_read_is_loaded_instead() -> None:
+    arena = Arena.create(seats=2, slots_per_seat=4)
+    arena.store_shared(b"test/1\0ct-1", time.monotonic(), "not a pair")
+    cache = shared_cache(arena, 1.0)
+    assert cache.get("ct-1", lambda: (1, "loaded")) == (1, "loaded")
