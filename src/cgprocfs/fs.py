@@ -348,6 +348,10 @@ class ViewsFS:
             "open_handles": self.arena.in_use(),
             "worker_restarts": self.arena.restarts,
             "poisoned_requests": self.arena.poisoned,
+            # Who reads /dev/fuse while the load is low, and how the opens spread.
+            "leader": dict(zip(("seat", "pid"), self.arena.leader(), strict=True)),
+            "opens_by_seat": [self.arena.counters(s)[0]
+                              for s in range(self.arena.layout.seats)],
         }
         return (json.dumps(doc, indent=1) + "\n").encode()
 

@@ -65,15 +65,15 @@ def readers(d: Daemon, tmp: Path, per_container: int = 2) -> Iterator[list[dict]
                 results.append(json.loads(out) if out.strip() else {"crashed": p.returncode})
 
 
-def assert_clean(results: list[dict]) -> float:  # type: ignore[type-arg]
-    assert len(results) == 8
+def assert_clean(results: list[dict], n: int = 8) -> float:  # type: ignore[type-arg]
+    assert len(results) == n
     for r in results:
         assert "crashed" not in r, r
         assert r["reads"] > 0, r
         assert r["errors"] == {}, r  # no ENOTCONN, no ECONNABORTED, nothing
         assert r["wrong"] == [], r
     stall = max(r["max_stall"] for r in results)
-    print(f"\n{sum(r['reads'] for r in results)} reads by 8 readers, longest stall "
+    print(f"\n{sum(r['reads'] for r in results)} reads by {n} readers, longest stall "
           f"{stall * 1000:.0f} ms")
     return float(stall)
 
@@ -206,3 +206,69 @@ def test_the_supervisor_dying_leaves_a_dead_mount_the_next_start_recovers(
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v", "-s"]))
+
+
+def status_of(d: Daemon) -> dict:  # type: ignore[type-arg]
+    return json.loads((d.mountpoint / ".cgprocfs-status").read_text())  # type: ignore[no-any-return]
+
+
+def opens_since(d: Daemon, before: list[int]) -> list[int]:
+    return [a - b for a, b in zip(status_of(d)["opens_by_seat"], before, strict=True)]
+
+
+def read_sequentially(d: Daemon, n: int, pause: float = 0.0) -> None:
+    for _ in range(n):
+        with open(d.mountpoint / "proc" / "meminfo", "rb") as f:
+            assert f.read().startswith(b"MemTotal:")
+        time.sleep(pause)
+
+
+def test_a_lone_reader_is_served_by_the_leader_and_load_wakes_the_others(
+        root_fuse: None, tmp_path: Path) -> None:
+    """Parking (docs/operation.md): one worker reads /dev/fuse while one would do, so a
+    lone reader's requests do not take turns among cold workers; readers queuing up
+    wake the parked ones."""
+    with running_daemon() as d:
+        read_sequentially(d, 50)  # the workers have elected a leader
+        before = status_of(d)["opens_by_seat"]
+        # Paced like a poller (a spinning worker would otherwise catch every next open).
+        read_sequentially(d, 400, pause=0.002)
+        lone = opens_since(d, before)
+        print(f"\nopens by seat, one reader: {lone}")
+        assert sum(lone) == 400
+        assert max(lone) >= 0.8 * 400  # round robin among 2+ workers would give <= 50 %
+        before = status_of(d)["opens_by_seat"]
+        with readers(d, tmp_path, per_container=4) as results:
+            time.sleep(2.0)
+        busy = opens_since(d, before)
+        print(f"opens by seat, 16 readers: {busy}")
+        assert_clean(results, 16)
+        assert len([n for n in busy if n >= 0.05 * sum(busy)]) >= 2, busy
+
+
+def test_killing_the_leader_of_a_lone_reader_hands_over(root_fuse: None,
+                                                        tmp_path: Path) -> None:
+    """The parked workers must not wait for the leader's successor: the supervisor
+    wakes one the moment the leader dies. A lone reader sees no error and the mount
+    gets a new leader each time."""
+    with running_daemon() as d, make_container(256 << 20) as ct:
+        stop = tmp_path / "stop"
+        reader = subprocess.Popen([PYTHON, READER, str(d.mountpoint),
+                                   ",".join(str(p) for p in ct.procs_files), str(256 << 20),
+                                   str(stop)], stdout=subprocess.PIPE, text=True)
+        try:
+            time.sleep(0.5)
+            for _ in range(5):
+                leader = status_of(d)["leader"]["pid"]
+                assert leader in children(d.proc.pid), d.log()
+                os.kill(leader, signal.SIGKILL)
+                assert wait_for(lambda old=leader: status_of(d)["leader"]["pid"]
+                                not in (old, 0)), d.log()
+                time.sleep(0.3)
+        finally:
+            stop.touch()
+            out, _ = reader.communicate(timeout=60)
+        r = json.loads(out)
+        print(f"\n{r['reads']} reads by one reader across 5 leader kills, longest stall "
+              f"{r['max_stall'] * 1000:.0f} ms")
+        assert r["errors"] == {} and r["wrong"] == [] and r["reads"] > 0, r

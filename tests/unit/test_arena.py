@@ -4,6 +4,7 @@ keep unanswered requests, loads publish atomically."""
 from __future__ import annotations
 
 import os
+import time
 
 from cgprocfs.fuse.arena import SLOT_DATA, Arena
 
@@ -150,3 +151,38 @@ def test_an_arena_of_an_earlier_release_grows_to_take_the_shared_entries() -> No
     assert os.fstat(a.fd).st_size == taken.layout.size
     taken.store_shared(b"k", 1.0, 7)
     assert taken.fetch_shared(b"k") == (1.0, 7)
+
+
+def test_a_parked_process_wakes_when_another_calls_wake_one() -> None:
+    a = make()
+    seq = a.wake_seq()
+    pid = os.fork()
+    if pid == 0:  # the parked worker: a long park, ended by the wake-up below
+        child = Arena(a.fd)
+        child.set_parked(1, True)
+        child.park(seq, 30.0)
+        os._exit(0 if child.wake_seq() != seq else 1)
+    deadline = time.monotonic() + 10
+    while not a.any_parked() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert a.any_parked()
+    time.sleep(0.05)  # let it reach the futex wait (a wake before it also ends the wait)
+    a.wake_one()
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.01)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    raise AssertionError("the parked process was not woken (this only catches a hang)")
+
+
+def test_leadership_is_recorded_with_the_pid() -> None:
+    a = make()
+    assert a.leader() == (-1, 0)
+    a.set_leader(1, 1234)
+    assert Arena(a.fd).leader() == (1, 1234)
+    a.set_leader(-1, 0)
+    assert a.leader() == (-1, 0)

@@ -13,6 +13,8 @@ It is what makes worker processes interchangeable and replaceable at any moment:
   handle never reads another open's bytes. Slots are partitioned among seats so that
   only one process allocates in each range (no locks); any process may free a slot.
 - **counters** per seat and a **loads** area (the load sampler's published table).
+- **leadership and parking**: which worker reads /dev/fuse while the load is low, which
+  ones are parked, and the futex word that wakes one of them (see worker.py).
 - **shared entries**: configuration one worker looked up (a container's CPU placement),
   so the others need not look it up again within its freshness bound.
 
@@ -22,6 +24,7 @@ byte (slot state), so no lock is ever needed.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import marshal
 import mmap
@@ -29,6 +32,8 @@ import os
 import struct
 import time
 from dataclasses import dataclass
+
+from cgprocfs.libc import futex_wait, futex_wake
 
 MAGIC = b"CGPFSAR1"
 HEADER_SIZE = 4096
@@ -56,6 +61,11 @@ IN_USE = 1
 READ_ONCE = 1  # slot flag: the handle has been read (a read at 0 then renders again)
 
 SPINNER_OFF = 64  # header byte: 1 + the seat of the worker spinning for requests, or 0
+LEADER = struct.Struct("<II")  # 1 + the leading worker's seat (0: none), its pid
+LEADER_OFF = 72
+WAKE_OFF = 128  # u32 futex word: bumped to wake a parked worker
+PARKED_OFF = 192  # one byte per seat: 1 while its worker is parked
+MAX_SEATS = HEADER_SIZE - PARKED_OFF
 # header: magic, seats, slots per seat, kernel minor, init flags, restarts, poisoned,
 # created, loads version, loads buffer, loads length
 _HEADER = struct.Struct("<8sIIIIIIdQII")
@@ -122,11 +132,14 @@ class Arena:
         if magic != MAGIC:
             raise ValueError("not a cgprocfs arena")
         self.layout = Layout(seats, per_seat)
+        if seats > MAX_SEATS:
+            raise ValueError(f"an arena has at most {MAX_SEATS} seats")
         if os.fstat(fd).st_size < self.layout.size:
             os.ftruncate(fd, self.layout.size)  # taken over from an earlier version
         self.mem = mmap.mmap(fd, self.layout.size, mmap.MAP_SHARED,
                              mmap.PROT_READ | mmap.PROT_WRITE)
         self.view = memoryview(self.mem)
+        self._wake = ctypes.c_uint32.from_buffer(self.mem, WAKE_OFF)
         # Plain attributes: these are on the path of every request.
         self.slots = self.layout.slots
         self.states_off = self.layout.states_off
@@ -165,6 +178,34 @@ class Arena:
     def stop_spinning(self, seat: int) -> None:
         if self.mem[SPINNER_OFF] == seat + 1:
             self.mem[SPINNER_OFF] = 0
+
+    # ---- leadership and parking ------------------------------------------------------
+    def leader(self) -> tuple[int, int]:
+        """(seat, pid) of the leading worker; seat -1: none."""
+        seat, pid = LEADER.unpack_from(self.mem, LEADER_OFF)
+        return seat - 1, pid
+
+    def set_leader(self, seat: int, pid: int) -> None:
+        LEADER.pack_into(self.mem, LEADER_OFF, seat + 1, pid)
+
+    def set_parked(self, seat: int, parked: bool) -> None:
+        self.mem[PARKED_OFF + seat] = 1 if parked else 0
+
+    def any_parked(self) -> bool:
+        return self.mem.find(b"\x01", PARKED_OFF, PARKED_OFF + self.layout.seats) >= 0
+
+    def wake_seq(self) -> int:
+        return int(self._wake.value)
+
+    def wake_one(self) -> None:
+        """Wake one parked worker. Two processes bumping the word at once may lose a
+        count; each still wakes a waiter, and a waiter only asks whether it changed."""
+        self._wake.value = (self._wake.value + 1) & 0xFFFFFFFF
+        futex_wake(ctypes.addressof(self._wake), 1)
+
+    def park(self, seq: int, timeout: float) -> None:
+        """Sleep until wake_one (returns at once if one came since `seq` was read)."""
+        futex_wait(ctypes.addressof(self._wake), seq, timeout)
 
     def add_restart(self) -> None:
         n = struct.unpack_from("<I", self.mem, 24)[0]

@@ -273,6 +273,11 @@ class Supervisor:
                 continue
             if child.ready_fd >= 0:
                 self._settle(child, False)
+            if child.role == "worker" and self.conn.arena.leader()[0] == child.seat:
+                # The leading worker died: a parked one takes over now, not at its next
+                # check (its successor in the seat will find a leader and park).
+                self.conn.arena.set_leader(-1, 0)
+                self.conn.arena.wake_one()
             pending = child.seat >= 0 and self.conn.arena.pending_length(child.seat)
             if self.stopping or (child.retiring and not pending):
                 continue
@@ -305,6 +310,9 @@ class Supervisor:
 
     # ---- the loop ------------------------------------------------------------------
     def run(self) -> int:
+        # A leader recorded by an earlier supervisor (takeover) may be gone, and its pid
+        # reused: the workers elect one afresh.
+        self.conn.arena.set_leader(-1, 0)
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
