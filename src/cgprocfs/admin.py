@@ -39,6 +39,11 @@ def status(mountpoint: str) -> int:
     print(f"views: {', '.join(doc['views'])}")
     print(f"opens: {doc['opens']}, errors: {doc['errors']}, host-file fallbacks: "
           f"{doc['fallbacks']}, open handles: {doc['open_handles']}")
+    leader = doc.get("leader") or {}
+    if leader.get("seat", -1) >= 0:
+        served = [n for n in doc.get("opens_by_seat", []) if n]
+        print(f"leading worker: pid {leader['pid']} (seat {leader['seat']}); "
+              f"opens served per worker seat: {served}")
     return 0
 
 
