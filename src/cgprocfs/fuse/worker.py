@@ -129,9 +129,16 @@ def build_renderer(cfg: Config, loads_fd: int | None, arena: Arena) -> Renderer:
     if loads_fd is not None:
         renderer.loads = SharedLoads(arena, loads_fd)
 
+    hashes: dict[tuple[str, float], int] = {}
+
     def shared_times(key: tuple[str, float], times: CpuTimes) -> CpuTimes:
-        digest = hashlib.blake2b(f"{key[0]}\0{key[1]}".encode(), digest_size=8).digest()
-        h = int.from_bytes(digest, "little") or 1
+        h = hashes.get(key)
+        if h is None:
+            digest = hashlib.blake2b(f"{key[0]}\0{key[1]}".encode(), digest_size=8).digest()
+            h = int.from_bytes(digest, "little") or 1
+            if len(hashes) >= 8192:
+                hashes.clear()
+            hashes[key] = h
         return CpuTimes(*arena.times_at_least(h, (times.user, times.system, times.idle)))
 
     renderer.shared_times = shared_times
@@ -226,13 +233,14 @@ class Worker:
                         log.info("the mount is gone (ENODEV); worker %d exits", self.seat)
                         return
                     raise
-                if parking and lead == seat:
+                if parking and lead == seat and arena.any_parked():
                     # Requests queued behind this one, at several reads in a row: the
                     # load outgrew one worker (a single one now and then is a burst the
                     # leader clears itself, cheaper than a wake-up).
                     backlog = backlog + 1 if poller.poll(0) else 0
-                    if backlog >= BACKLOG_TO_WAKE and arena.any_parked():
+                    if backlog >= BACKLOG_TO_WAKE:
                         arena.wake_one()
+                        backlog = 0
                 self.handle()
             # SIGTERM may land just after read() returned: answer what is in hand.
             if self.arena.pending_length(self.seat):
