@@ -259,7 +259,10 @@ class Worker:
             while not self.stopping:
                 seq = arena.wake_seq()
                 lead, pid = arena.leader()
-                if lead < 0 or not _alive(pid) or poller.poll(0):
+                if lead < 0 or not _alive(pid):
+                    arena.set_leader(seat, os.getpid())  # gone without handing over
+                    return True
+                if poller.poll(0):
                     return True
                 self.in_read = True  # nothing in hand: SIGTERM may end the wait
                 arena.park(seq, PARK_CHECK_S)
