@@ -198,9 +198,10 @@ def _v1_view(
     )
 
 
-def _placement_key(key: tuple[str, str]) -> bytes:
-    # Versioned: workers of two releases may briefly serve side by side.
-    return f"placement/1\0{key[0]}\0{key[1]}".encode()
+def _placement_key(key: tuple[str, str], use_quota: bool) -> bytes:
+    # Versioned: workers of two releases may briefly serve side by side. The quota setting
+    # is part of the key because the arena outlives a reload (SIGHUP) that changes it.
+    return f"placement/1\0{'quota' if use_quota else 'cpuset'}\0{key[0]}\0{key[1]}".encode()
 
 
 def _dump_placement(p: CpuPlacement | None) -> object:
@@ -313,8 +314,10 @@ class Resolver:
         """Let sibling processes (the FUSE workers) use each other's CPU placements: a
         container is then looked up once per PLACEMENT_MAX_AGE by the daemon, not once by
         every worker that serves it."""
-        self.placements.sharing = Sharing(table, _placement_key, _dump_placement,
-                                          _load_placement)
+        def key(k: tuple[str, str]) -> bytes:
+            return _placement_key(k, self.cpu.use_quota)
+
+        self.placements.sharing = Sharing(table, key, _dump_placement, _load_placement)
 
     def cpu_snapshot(self, pid: int, with_tasks: bool = True) -> CpuSnapshot:
         if pid <= 0:
