@@ -94,6 +94,27 @@ def _start_seconds(pid: int) -> float:
     return int(proc_stat_fields(pid)[19]) / CLK_TCK
 
 
+class StartTimes:
+    """Start times of processes, kept while /proc/PID is the same inode: the kernel makes
+    a new one (a new inode number) for a new process under a reused pid, and a stat(2)
+    costs a fraction of reading and parsing /proc/PID/stat."""
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self.max_entries = max_entries
+        self._known: dict[int, tuple[int, float]] = {}
+
+    def of(self, pid: int) -> float:
+        ino = os.stat(f"/proc/{pid}").st_ino
+        hit = self._known.get(pid)
+        if hit is not None and hit[0] == ino:
+            return hit[1]
+        start = _start_seconds(pid)
+        if len(self._known) >= self.max_entries:
+            self._known.clear()
+        self._known[pid] = (ino, start)
+        return start
+
+
 def task_states(d: str, version: int, exclude: int = 0) -> tuple[int, int, int, int]:
     """(running, uninterruptible, threads, highest pid) over a cgroup and its descendants;
     thread `exclude` (a reader, which waits in "D" on our answer) is not counted as
@@ -151,6 +172,7 @@ class CpuReader:
 
     # Task states are a gauge sampled for procs_running/blocked: at most this old.
     TASKS_MAX_AGE = 1.0
+    ONLINE_MAX_AGE = 1.0
 
     def __init__(self, cpu: Hierarchy | None, cpuacct: Hierarchy | None,
                  cpuset: Hierarchy | None, use_quota: bool = True) -> None:
@@ -158,6 +180,9 @@ class CpuReader:
         self.use_quota = use_quota
         self._oldest: dict[str, tuple[int, float]] = {}
         self._tasks = TtlCache[tuple[str, int], tuple[int, int, int, int]](self.TASKS_MAX_AGE)
+        # Online CPUs are host configuration, read as often as the placements using them.
+        self._online = TtlCache[None, list[int]](self.ONLINE_MAX_AGE)
+        self._starts = StartTimes()
 
     def at_root(self, procs: ProcCgroups) -> bool:
         """A caller at the root of every CPU hierarchy sees the host's CPU files."""
@@ -167,7 +192,8 @@ class CpuReader:
         return True
 
     def online(self) -> list[int]:
-        return parse_cpu_list(read_small("/sys/devices/system/cpu/online"))
+        return self._online.get(
+            None, lambda: parse_cpu_list(read_small("/sys/devices/system/cpu/online")))
 
     def cpus(self, procs: ProcCgroups) -> tuple[int, ...]:
         """The host CPUs a caller sees, in order: its cpuset ∩ online, cut by its quota."""
@@ -263,14 +289,14 @@ class CpuReader:
         pid namespace, that of the oldest process in the cgroup (cached while it lives)."""
         if ns_init is not None:
             try:
-                return _start_seconds(ns_init)
+                return self._starts.of(ns_init)
             except (OSError, ValueError, IndexError):
                 pass
         cached = self._oldest.get(d)
         if cached is not None:
             pid, start = cached
             try:
-                if _start_seconds(pid) == start:
+                if self._starts.of(pid) == start:
                     return start
             except (OSError, ValueError, IndexError):
                 pass

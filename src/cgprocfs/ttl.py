@@ -20,7 +20,8 @@ class SharedTable(Protocol):
     """Values (marshal-able) by key, seen by several processes; loaded_at is
     time.monotonic(), which all processes of a host share."""
 
-    def fetch_shared(self, key: bytes) -> tuple[float, object] | None: ...
+    def fetch_shared(self, key: bytes, newer_than: float = ...) -> tuple[float, object] | None:
+        ...
 
     def store_shared(self, key: bytes, loaded_at: float, value: object) -> None: ...
 
@@ -72,7 +73,8 @@ class TtlCache(Generic[K, V]):
 
     def _from_shared(self, sharing: Sharing[K, V], key: K, now: float
                      ) -> tuple[float, V] | None:
-        got = sharing.table.fetch_shared(sharing.key(key))
+        # Stale entries are the common miss (one worker serving): skip their unmarshalling.
+        got = sharing.table.fetch_shared(sharing.key(key), now - self.max_age)
         if got is None or now - got[0] >= self.max_age:
             return None
         try:

@@ -126,6 +126,9 @@ def test_shared_entries_serve_every_mapping_and_never_another_key() -> None:
     assert other.fetch_shared(b"placement/1\0ct-2") is None
     other.store_shared(b"placement/1\0ct-1", 11.0, None)  # replaced in place
     assert a.fetch_shared(b"placement/1\0ct-1") == (11.0, None)
+    # An entry loaded at or before `newer_than` is stale to the caller: missing.
+    assert a.fetch_shared(b"placement/1\0ct-1", newer_than=11.0) is None
+    assert a.fetch_shared(b"placement/1\0ct-1", newer_than=10.9) == (11.0, None)
     a.store_shared(b"big", 1.0, "x" * 10_000)  # too large to share: dropped
     assert a.fetch_shared(b"big") is None
     a.store_shared(b"odd", 1.0, object())  # not marshal-able: dropped

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from cgprocfs.cpu import (
     CLK_TCK,
     CpuView,
+    StartTimes,
     format_cpu_list,
     parse_cpu_list,
     parse_quota,
@@ -129,3 +131,24 @@ def test_cpu_list_round_trip() -> None:
 def test_host_stat_layout_of_this_machine() -> None:
     host = parse_host_stat(Path("/proc/stat").read_text())
     assert host.cpu_fields >= 8 and host.btime > 0
+
+
+def test_start_times_are_kept_per_proc_inode_and_reread_for_a_new_one() -> None:
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        starts = StartTimes()
+        first = starts.of(child.pid)
+        assert first == int(Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1]
+                            .split()[19]) / CLK_TCK
+        ino, _ = starts._known[child.pid]
+        # What a reused pid looks like: /proc/PID is another inode. The cached start
+        # (made wrong here on purpose) is not used for it; it is read again.
+        starts._known[child.pid] = (ino + 1, first + 1000)
+        assert starts.of(child.pid) == first
+        starts._known[child.pid] = (ino, first + 1000)  # same inode: kept, not read
+        assert starts.of(child.pid) == first + 1000
+    finally:
+        child.kill()
+        child.wait()
+    with pytest.raises(FileNotFoundError):
+        starts.of(child.pid)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import marshal
+import math
 import mmap
 import os
 import struct
@@ -365,8 +366,10 @@ class Arena:
         return values
 
     # ---- shared entries ---------------------------------------------------------------
-    def fetch_shared(self, key: bytes) -> tuple[float, object] | None:
-        """(loaded at, value) last stored under `key` by any worker, or None. An entry
+    def fetch_shared(self, key: bytes, newer_than: float = -math.inf
+                     ) -> tuple[float, object] | None:
+        """(loaded at, value) last stored under `key` by any worker, or None (also when
+        loaded at or before `newer_than`). An entry
         being rewritten while it is read fails its check and reads as None: a 128-bit key
         digest and a 64-bit check over the whole entry keep one key's value from ever
         being taken for another's."""
@@ -378,7 +381,7 @@ class Arena:
             if self.mem[off : off + 16] != digest:
                 continue
             _, check, at, n = SHARED_HEAD.unpack_from(self.mem, off)
-            if n > SHARED_BLOB_MAX:
+            if n > SHARED_BLOB_MAX or at <= newer_than:
                 return None
             start = off + SHARED_HEAD.size
             blob = self.mem[start : start + n]
