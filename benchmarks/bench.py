@@ -295,12 +295,8 @@ def run_cell(
             r.close()
 
     metas = [m for m, _ in got]
-    lats = np.concatenate([np.frombuffer(b, dtype=np.int64) for _, b in got]) if got else None
-    # The first read after each move is the one a daemon that caches per container pays
-    # its (re)load on: kept apart too, so a tail can be traced to it.
-    firsts = [np.frombuffer(b, dtype=np.int64)[list(m.get("firsts", []))] for m, b in got]
-    steady = [np.delete(np.frombuffer(b, dtype=np.int64), list(m.get("firsts", [])))
-              for m, b in got]
+    per_reader = [(np.frombuffer(b, dtype=np.int64), list(m.get("firsts", []))) for m, b in got]
+    lats = np.concatenate([a for a, _ in per_reader]) if got else None
     ops = sum(int(m["ops"]) for m in metas)
     checks = sum(int(m.get("checks", 0)) for m in metas)
     ops_s = sum(int(m["ops"]) / (int(m["elapsed_ns"]) / 1e9) for m in metas)
@@ -341,8 +337,10 @@ def run_cell(
         p50, p99, p999 = np.percentile(lats, [50, 99, 99.9]) / 1e3
         cell.update(p50_us=float(p50), p99_us=float(p99), p999_us=float(p999),
                     mean_us=float(lats.mean() / 1e3))
-        first = np.concatenate(firsts) if firsts else np.array([], dtype=np.int64)
-        rest = np.concatenate(steady)
+        # The first read after each move is the one a daemon that caches per container
+        # pays its (re)load on: kept apart too, so a tail can be traced to it.
+        first = np.concatenate([a[i] for a, i in per_reader])
+        rest = np.concatenate([np.delete(a, i) for a, i in per_reader])
         if first.size:
             cell["first_after_move_p50_us"] = float(np.percentile(first, 50) / 1e3)
             cell["first_after_move_share"] = float(first.size / lats.size)

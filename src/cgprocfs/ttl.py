@@ -20,8 +20,8 @@ class SharedTable(Protocol):
     """Values (marshal-able) by key, seen by several processes; loaded_at is
     time.monotonic(), which all processes of a host share."""
 
-    def fetch_shared(self, key: bytes, newer_than: float = ...) -> tuple[float, object] | None:
-        ...
+    def fetch_shared(self, key: bytes, newer_than: float) -> tuple[float, object] | None:
+        """None also for an entry loaded at or before `newer_than` (stale to the caller)."""
 
     def store_shared(self, key: bytes, loaded_at: float, value: object) -> None: ...
 
@@ -75,7 +75,7 @@ class TtlCache(Generic[K, V]):
                      ) -> tuple[float, V] | None:
         # Stale entries are the common miss (one worker serving): skip their unmarshalling.
         got = sharing.table.fetch_shared(sharing.key(key), now - self.max_age)
-        if got is None or now - got[0] >= self.max_age:
+        if got is None:
             return None
         try:
             return got[0], sharing.load(key, got[1])
