@@ -594,7 +594,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.cgroups}, {args.duration:g} s/cell, {args.rounds} round(s), targets "
         f"{args.targets}: about {est / 60:.1f} min")
     host_kb = host_memtotal_kb()
-    cs = ContainerSet("bench", base_mib=args.base_mib, cpus=args.cpus or None)
+    cs = ContainerSet("bench", base_mib=args.base_mib, cpus=args.cpus or None,
+                      resident=True)
     log(f"test cgroups: {cs.describe()}")
     workdir = Path(tempfile.mkdtemp(prefix="cgprocfs-bench-"))
     targets: list[Target] = []

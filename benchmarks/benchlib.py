@@ -190,6 +190,7 @@ class Container:
     memory_limit: int
     cpus: float | None  # CFS quota in CPUs
     expect_cpus: int  # how many CPUs a container-aware view should show
+    resident: subprocess.Popen[bytes] | None = None  # its "init", when it has one
 
     @property
     def procs_files(self) -> list[str]:
@@ -199,9 +200,14 @@ class Container:
 class ContainerSet:
     """Container-like cgroups beneath <base>/cgprocfs-<tag>-<pid>/ in every hierarchy:
     memory limit, CFS quota, cpuset (copied from the parent), cpuacct, blkio/io, pids.
-    Always removed by `remove_all()` (call it from a `finally`)."""
+    With `resident`, each holds a sleeping process for its lifetime, as every real
+    container holds its init: readers then visit a cgroup that is never empty, not one
+    that exists only while they are in it. Always removed by `remove_all()` (call it from
+    a `finally`)."""
 
-    def __init__(self, tag: str, base_mib: int = 256, cpus: float | None = 1.0) -> None:
+    def __init__(self, tag: str, base_mib: int = 256, cpus: float | None = 1.0,
+                 resident: bool = False) -> None:
+        self.resident = resident
         self.hiers = detect_hierarchies()
         self.version = 2 if all(h.version == 2 for h in self.hiers) else 1
         self.base_mib, self.cpus = base_mib, cpus
@@ -278,6 +284,10 @@ class ContainerSet:
             raise
         ct = Container(cg_id, name, dirs, limit, self.cpus, self.expect_cpus)
         self.live[cg_id] = ct
+        if self.resident:
+            ct.resident = subprocess.Popen(["sleep", "infinity"], stdin=subprocess.DEVNULL)
+            for f in ct.procs_files:
+                Path(f).write_text(str(ct.resident.pid))
         return ct
 
     def create_many(self, n: int, first_id: int = 0) -> list[Container]:
@@ -300,6 +310,10 @@ class ContainerSet:
 
     def force_remove(self, ct: Container, timeout: float = 10.0) -> None:
         """Remove `ct`, moving any process still inside (ours) up to the base cgroup."""
+        if ct.resident is not None:
+            ct.resident.kill()
+            ct.resident.wait()
+            ct.resident = None
         deadline = time.monotonic() + timeout
         while not self.try_remove(ct):
             for d in ct.dirs:

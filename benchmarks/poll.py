@@ -269,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.duration:g} s measured per target, targets {args.targets}: about "
         f"{len(args.targets) * (args.duration + args.warmup + 10) / 60:.1f} min", "poll")
     host_kb = host_memtotal_kb()
-    cs = ContainerSet("poll", base_mib=args.base_mib, cpus=args.cpus or None)
+    cs = ContainerSet("poll", base_mib=args.base_mib, cpus=args.cpus or None,
+                      resident=True)
     workdir = Path(tempfile.mkdtemp(prefix="cgprocfs-poll-"))
     skipped: list[str] = []
     results: list[dict] = []

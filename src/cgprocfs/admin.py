@@ -39,6 +39,8 @@ def status(mountpoint: str) -> int:
     print(f"views: {', '.join(doc['views'])}")
     print(f"opens: {doc['opens']}, errors: {doc['errors']}, host-file fallbacks: "
           f"{doc['fallbacks']}, open handles: {doc['open_handles']}")
+    if "placement_refreshes" in doc:
+        print(f"placements refreshed ahead by idle workers: {doc['placement_refreshes']}")
     leader = doc.get("leader") or {}
     if leader.get("seat", -1) >= 0:
         served = [n for n in doc.get("opens_by_seat", []) if n]

@@ -152,6 +152,16 @@ def _quota_at(d: str, version: int) -> float | None:
 
 
 @dataclass(frozen=True)
+class CpuPaths:
+    """A caller's cgroup in each CPU hierarchy ("/" where it has none): all a placement
+    is computed from, besides its pid namespace."""
+
+    cpu: str
+    cpuacct: str
+    cpuset: str
+
+
+@dataclass(frozen=True)
 class CpuPlacement:
     """Where a caller's CPU views come from: the slow-changing part of a CpuView, which the
     Resolver keeps per container for at most PLACEMENT_MAX_AGE. `cpus` and `start` are
@@ -160,10 +170,11 @@ class CpuPlacement:
     version: int
     cgroup: str
     directory: str
-    procs: ProcCgroups
+    paths: CpuPaths
     ns_init: int | None = None
     cpus: tuple[int, ...] | None = None
     start: float | None = None
+    pidns: str = ""  # the caller's pid namespace, as readlink(/proc/PID/ns/pid) names it
 
 
 class CpuReader:
@@ -184,38 +195,42 @@ class CpuReader:
         self._online = TtlCache[None, list[int]](self.ONLINE_MAX_AGE)
         self._starts = StartTimes()
 
-    def at_root(self, procs: ProcCgroups) -> bool:
+    def paths(self, procs: ProcCgroups) -> CpuPaths:
+        def path(h: Hierarchy | None) -> str:
+            return (procs.path_in(h) if h is not None else None) or "/"
+
+        return CpuPaths(path(self.cpu), path(self.cpuacct or self.cpu), path(self.cpuset))
+
+    @staticmethod
+    def at_root(paths: CpuPaths) -> bool:
         """A caller at the root of every CPU hierarchy sees the host's CPU files."""
-        for h in (self.cpu, self.cpuacct, self.cpuset):
-            if h is not None and (procs.path_in(h) or "/") != "/":
-                return False
-        return True
+        return paths.cpu == paths.cpuacct == paths.cpuset == "/"
 
     def online(self) -> list[int]:
         return self._online.get(
             None, lambda: parse_cpu_list(read_small("/sys/devices/system/cpu/online")))
 
-    def cpus(self, procs: ProcCgroups) -> tuple[int, ...]:
+    def cpus(self, paths: CpuPaths) -> tuple[int, ...]:
         """The host CPUs a caller sees, in order: its cpuset ∩ online, cut by its quota."""
-        cpuset = self._cpuset(procs, self.online())
-        quota = self._quota(procs) if self.use_quota else None
+        cpuset = self._cpuset(paths.cpuset, self.online())
+        quota = self._quota(paths.cpu) if self.use_quota else None
         return tuple(cpuset[: visible_count(cpuset, quota)])
 
-    def placement(self, procs: ProcCgroups, container: Callable[[Hierarchy, str], str],
+    def placement(self, paths: CpuPaths, container: Callable[[Hierarchy, str], str],
                   ns_init: int | None) -> CpuPlacement:
         acct = self.cpuacct or self.cpu
         if acct is None:
             raise OddCgroupData("no cpu accounting hierarchy")
-        path = container(acct, procs.path_in(acct) or "/")
+        path = container(acct, paths.cpuacct)
         d = acct.directory(path)
         if d is None:
             raise OddCgroupData(f"cgroup {path} is outside the mounted hierarchy")
-        return CpuPlacement(acct.version, path, d, procs, ns_init)
+        return CpuPlacement(acct.version, path, d, paths, ns_init)
 
     def complete(self, p: CpuPlacement, with_cpus: bool, with_start: bool) -> CpuPlacement:
         """`p` with the parts asked for looked up (itself when it has them)."""
         if with_cpus and p.cpus is None:
-            p = replace(p, cpus=self.cpus(p.procs))
+            p = replace(p, cpus=self.cpus(p.paths))
         if with_start and p.start is None:
             p = replace(p, start=self._start(p.directory, p.version, p.ns_init, host_uptime()))
         return p
@@ -234,11 +249,10 @@ class CpuReader:
         return CpuView(version, p.cgroup, p.cpus or (), user_us, system_us, start, now,
                        running, blocked, threads, d)
 
-    def _cpuset(self, procs: ProcCgroups, online: list[int]) -> list[int]:
+    def _cpuset(self, own: str, online: list[int]) -> list[int]:
         h = self.cpuset
         if h is None:
             return online
-        own = procs.path_in(h) or "/"
         name = "cpuset.cpus.effective" if h.version == 2 else "cpuset.effective_cpus"
         for p in ancestors(own):
             d = h.directory(p)
@@ -250,12 +264,12 @@ class CpuReader:
                 return [c for c in online if c in allowed] or online
         return online
 
-    def _quota(self, procs: ProcCgroups) -> float | None:
+    def _quota(self, own: str) -> float | None:
         h = self.cpu
         if h is None:
             return None
         best: float | None = None
-        for p in ancestors(procs.path_in(h) or "/"):
+        for p in ancestors(own):
             if p == "/":
                 break
             d = h.directory(p)
@@ -286,7 +300,13 @@ class CpuReader:
 
     def _start(self, d: str, version: int, ns_init: int | None, now: float) -> float:
         """The container's start: its pid namespace init's start time, or, in the host
-        pid namespace, that of the oldest process in the cgroup (cached while it lives)."""
+        pid namespace, that of the oldest process in the cgroup (cached while it lives);
+        `now` for a cgroup without a process (its age starts with the next one)."""
+        start = self.start_of(d, ns_init)
+        return now if start is None else start
+
+    def start_of(self, d: str, ns_init: int | None) -> float | None:
+        """_start, None for a cgroup without a process."""
         if ns_init is not None:
             try:
                 return self._starts.of(ns_init)
@@ -310,7 +330,7 @@ class CpuReader:
                 if oldest is None or s < oldest[1]:
                     oldest = (int(pid_text), s)
         if oldest is None:
-            return now
+            return None
         if len(self._oldest) > 4096:
             self._oldest.clear()
         self._oldest[d] = oldest

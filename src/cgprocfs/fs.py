@@ -14,6 +14,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
+import math
 import os
 import stat
 import time
@@ -25,6 +27,8 @@ from cgprocfs.cpudir import CpuDir
 from cgprocfs.fuse import abi
 from cgprocfs.fuse.arena import Arena
 from cgprocfs.views import Renderer, View
+
+log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
 # A file at the mount's root that says who serves it and how it is going (`cgprocfs status`).
@@ -111,6 +115,7 @@ class ViewsFS:
         self._uid, self._gid = os.getuid(), os.getgid()
         self._attrs = {i: self._node_attr(n) for i, n in self.nodes.items()}
         self.cpu_dir_inode, self.cpu_dir = self._mirror()
+        self._refresh_logged = -math.inf
         self.ops: dict[int, Callable[[int, int, memoryview], bytes]] = {
             abi.LOOKUP: self.lookup, abi.GETATTR: self.getattr, abi.READLINK: self.readlink,
             abi.OPEN: self.open, abi.READ: self.read, abi.RELEASE: self.release,
@@ -332,6 +337,21 @@ class ViewsFS:
             out += ent
         return bytes(out)
 
+    # ---- between requests --------------------------------------------------------------
+    def refresh_ahead(self) -> None:
+        """Refresh the shared configuration in use before it expires (called by a parked
+        worker). Never raises: a failure only means requests reload it themselves."""
+        try:
+            n = self.renderer.resolver.refresh_placements()
+        except Exception:
+            now = time.monotonic()
+            if now - self._refresh_logged >= 60:  # it is retried every 0.1 s: log rarely
+                self._refresh_logged = now
+                log.exception("refreshing shared placements failed")
+            return
+        if n:
+            self.arena.add_refreshes(self.seat, n)
+
     # ---- status ----------------------------------------------------------------------
     def status_document(self) -> bytes:
         opens, errors, fallbacks = self.arena.totals()
@@ -348,6 +368,9 @@ class ViewsFS:
             "open_handles": self.arena.in_use(),
             "worker_restarts": self.arena.restarts,
             "poisoned_requests": self.arena.poisoned,
+            # Placements refreshed by idle workers before they expired (off the requests).
+            "placement_refreshes": sum(self.arena.refreshes(s)
+                                       for s in range(self.arena.layout.seats)),
             # Who reads /dev/fuse while the load is low, and how the opens spread.
             "leader": dict(zip(("seat", "pid"), self.arena.leader(), strict=True)),
             "opens_by_seat": [self.arena.counters(s)[0]

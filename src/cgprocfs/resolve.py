@@ -10,8 +10,9 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 from cgprocfs.cgroups import (
@@ -24,7 +25,7 @@ from cgprocfs.cgroups import (
     read_proc_cgroup,
     read_small,
 )
-from cgprocfs.cpu import CpuPlacement, CpuReader, CpuView
+from cgprocfs.cpu import CpuPaths, CpuPlacement, CpuReader, CpuView
 from cgprocfs.render.cpu import HostStat, parse_host_stat
 from cgprocfs.snapshot import (
     HostMemory,
@@ -36,7 +37,7 @@ from cgprocfs.snapshot import (
     parse_limit,
     parse_meminfo,
 )
-from cgprocfs.ttl import SharedTable, Sharing, TtlCache
+from cgprocfs.ttl import RefreshableTable, Sharing, TtlCache
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,9 @@ HOST_MAX_AGE = 0.05
 # How long a container's CPU placement (its CPUs from cpuset, online list and CFS quota; its
 # accounting cgroup; its start) may be served from memory: configuration, like limits.
 PLACEMENT_MAX_AGE = 1.0
+# A worker with nothing to serve reloads the shared placements in use from this age on
+# (it looks every PARK_CHECK_S = 0.1 s), so that the entry a request finds is fresh.
+PLACEMENT_REFRESH_AGE = 0.8
 
 # How long a cgroup's limits may be served from memory. Limits change rarely (docker
 # update, a Kubernetes resize); usage and memory.stat are always read fresh.
@@ -198,26 +202,44 @@ def _v1_view(
     )
 
 
+def _mode(use_quota: bool) -> str:
+    return "quota" if use_quota else "cpuset"
+
+
 def _placement_key(key: tuple[str, str], use_quota: bool) -> bytes:
     # Versioned: workers of two releases may briefly serve side by side. The quota setting
     # is part of the key because the arena outlives a reload (SIGHUP) that changes it.
-    return f"placement/1\0{'quota' if use_quota else 'cpuset'}\0{key[0]}\0{key[1]}".encode()
+    return f"placement/2\0{_mode(use_quota)}\0{key[0]}\0{key[1]}".encode()
 
 
-def _dump_placement(p: CpuPlacement | None) -> object:
+def _dump_placement(p: CpuPlacement | None, mode: str) -> object:
+    """A placement as shared: with what it was computed from, so that any worker can
+    refresh it without the caller (refresh_placements)."""
     if p is None:
         return None
-    return (p.version, p.cgroup, p.directory, p.ns_init, p.cpus, p.start)
+    return ("placement", 2, mode, p.pidns, (p.paths.cpu, p.paths.cpuacct, p.paths.cpuset),
+            p.version, p.cgroup, p.directory, p.ns_init, p.cpus, p.start)
+
+
+def _parse_placement(data: object) -> tuple[str, CpuPlacement]:
+    """(quota mode, placement) of a shared value; raises ValueError for anything else."""
+    if not isinstance(data, tuple) or len(data) != 11 or data[:2] != ("placement", 2):
+        raise ValueError("not a placement")
+    _, _, mode, pidns, paths, version, cgroup, directory, ns_init, cpus, start = data
+    cpu, cpuacct, cpuset = paths
+    return str(mode), CpuPlacement(
+        int(version), str(cgroup), str(directory), CpuPaths(str(cpu), str(cpuacct), str(cpuset)),
+        None if ns_init is None else int(ns_init), None if cpus is None else tuple(cpus),
+        None if start is None else float(start), str(pidns))
 
 
 def _load_placement(key: tuple[str, str], data: object) -> CpuPlacement | None:
     if data is None:
         return None
-    if not isinstance(data, tuple) or len(data) != 6:
-        raise ValueError("not a placement")
-    version, cgroup, directory, ns_init, cpus, start = data
-    return CpuPlacement(int(version), str(cgroup), str(directory), parse_proc_cgroup(key[0]),
-                        ns_init, None if cpus is None else tuple(cpus), start)
+    _, p = _parse_placement(data)
+    if p.pidns != key[1]:
+        raise ValueError("another pid namespace's placement")
+    return p
 
 
 def _ppid(proc: str, pid: int) -> int:
@@ -238,6 +260,7 @@ class Resolver:
         self.host = TtlCache[None, HostMemory](HOST_MAX_AGE)
         self.cpuinfo = TtlCache[None, str](CPUINFO_MAX_AGE)
         self.placements = TtlCache[tuple[str, str], CpuPlacement | None](PLACEMENT_MAX_AGE)
+        self._refresh_table: RefreshableTable | None = None
         # Key order and layout of the kernel's files never change while it runs.
         with open(f"{proc}/vmstat") as f:
             self.vmstat_keys = tuple(line.split(" ", 1)[0] for line in f if line.strip())
@@ -296,11 +319,10 @@ class Resolver:
         key = (caller, ns)
 
         def load() -> CpuPlacement | None:
-            procs = parse_proc_cgroup(caller)
-            if self.cpu.at_root(procs):
+            paths = self.cpu.paths(parse_proc_cgroup(caller))
+            if self.cpu.at_root(paths):
                 return None
-            return self.cpu.placement(procs, lambda h, own: self.container_path(pid, h, own),
-                                      self.namespace_init(pid))
+            return self._place(paths, ns, self.namespace_init(pid), pid)
 
         placement = self.placements.get(key, load)
         if placement is not None:
@@ -310,14 +332,74 @@ class Resolver:
             placement = done
         return caller, placement
 
-    def share_placements(self, table: SharedTable) -> None:
+    def _place(self, paths: CpuPaths, ns: str, ns_init: int | None, caller: int = 0
+               ) -> CpuPlacement:
+        return replace(self.cpu.placement(
+            paths, lambda h, own: self._path_via_init(ns_init, h, own, caller), ns_init),
+            pidns=ns)
+
+    def share_placements(self, table: RefreshableTable) -> None:
         """Let sibling processes (the FUSE workers) use each other's CPU placements: a
         container is then looked up once per PLACEMENT_MAX_AGE by the daemon, not once by
-        every worker that serves it."""
+        every worker that serves it; and a worker with nothing to serve refreshes those
+        in use before they expire (refresh_placements)."""
         def key(k: tuple[str, str]) -> bytes:
             return _placement_key(k, self.cpu.use_quota)
 
-        self.placements.sharing = Sharing(table, key, _dump_placement, _load_placement)
+        def dump(p: CpuPlacement | None) -> object:
+            return _dump_placement(p, _mode(self.cpu.use_quota))
+
+        self.placements.sharing = Sharing(table, key, dump, _load_placement)
+        self._refresh_table = table
+
+    def refresh_placements(self) -> int:
+        """Reload the shared placements in use that are older than PLACEMENT_REFRESH_AGE,
+        so that a request rarely waits for one to be reloaded: the first read after a
+        container's placement expired would otherwise pay for it (a few cgroup files and
+        /proc entries, 60-150 µs). Each is recomputed from what it was computed from (the
+        caller's CPU cgroups, its pid namespace and that namespace's init, still checked
+        to be its init), exactly as a request would. Returns how many were refreshed."""
+        table = self._refresh_table
+        if table is None:
+            return 0
+        mode = _mode(self.cpu.use_quota)
+        done = 0
+        for index, digest, at, data in table.due_shared(
+                time.monotonic() - PLACEMENT_REFRESH_AGE):
+            now = time.monotonic()
+            new = self._refreshed(data, mode)
+            if new is None:
+                table.forget_shared(index)  # let it expire; a request reloads it if need be
+            elif table.refresh_shared(index, digest, at, now, _dump_placement(new, mode)):
+                done += 1
+        return done
+
+    def _refreshed(self, data: object, mode: str) -> CpuPlacement | None:
+        """The shared placement `data` computed anew; None when that cannot be done here:
+        a caller at the root (nothing to refresh), workers of another configuration (left
+        before a SIGHUP), a pid namespace that is gone, a removed cgroup."""
+        try:
+            their_mode, old = _parse_placement(data)
+            if their_mode != mode:
+                return None
+            init = old.ns_init
+            if init is not None and (
+                    os.readlink(f"{self.proc}/{init}/ns/pid") != old.pidns
+                    or proc_stat_fields(init, self.proc)[0] == "Z"):
+                return None  # the namespace is gone, or going (its init has exited)
+            placed = self._place(old.paths, old.pidns, init)
+            if not os.path.isdir(placed.directory):
+                return None  # removed: its files would read as missing, not as its own
+            if old.start is not None:
+                # A cgroup without a process has no age yet: the request of the next one
+                # to join finds it (a refresh would date it from now instead).
+                start = self.cpu.start_of(placed.directory, init)
+                if start is None:
+                    return None
+                placed = replace(placed, start=start)
+            return self.cpu.complete(placed, old.cpus is not None, False)
+        except (OSError, OddCgroupData, ValueError, TypeError, IndexError):
+            return None
 
     def cpu_snapshot(self, pid: int, with_tasks: bool = True) -> CpuSnapshot:
         if pid <= 0:
@@ -379,11 +461,14 @@ class Resolver:
     def container_path(self, pid: int, h: Hierarchy, own_path: str) -> str:
         """The caller's container cgroup: its pid namespace init's cgroup, minus a
         trailing /init.scope; its own cgroup in the host pid namespace."""
-        init = self.namespace_init(pid)
-        if init is None or init == pid:
+        return self._path_via_init(self.namespace_init(pid), h, own_path, pid)
+
+    def _path_via_init(self, init: int | None, h: Hierarchy, own_path: str,
+                       caller: int = 0) -> str:
+        if init is None:
             return own_path
         try:
-            path = read_proc_cgroup(init, self.proc).path_in(h)
+            path = own_path if init == caller else read_proc_cgroup(init, self.proc).path_in(h)
         except OSError:
             return own_path
         if path is None:

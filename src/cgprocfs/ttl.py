@@ -16,14 +16,41 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 
+Token = tuple[int, bytes, bytes]
+
+
 class SharedTable(Protocol):
     """Values (marshal-able) by key, seen by several processes; loaded_at is
     time.monotonic(), which all processes of a host share."""
 
-    def fetch_shared(self, key: bytes, newer_than: float) -> tuple[float, object] | None:
-        """None also for an entry loaded at or before `newer_than` (stale to the caller)."""
+    def fetch_shared_renewable(self, key: bytes, newer_than: float
+                               ) -> tuple[float, object, Token] | None:
+        """(loaded at, value, token); None also for an entry loaded at or before
+        `newer_than` (stale to the caller)."""
 
-    def store_shared(self, key: bytes, loaded_at: float, value: object) -> None: ...
+    def store_shared(self, key: bytes, loaded_at: float, value: object) -> Token | None:
+        """A token for the value stored; None when it cannot be shared."""
+
+    def renew_shared(self, token: Token, newer_than: float) -> float | None:
+        """When the value behind `token` was loaded again (unchanged), if after
+        `newer_than`; else None."""
+
+
+class RefreshableTable(SharedTable, Protocol):
+    """A SharedTable that keeps track of which entries are in use, so that an idle
+    process can refresh them before they expire."""
+
+    def due_shared(self, loaded_before: float) -> list[tuple[int, bytes, float, object]]:
+        """(index, key digest, loaded at, value) of the entries in use loaded before
+        `loaded_before`."""
+
+    def refresh_shared(self, index: int, digest: bytes, was_loaded_at: float,
+                       loaded_at: float, value: object) -> bool:
+        """Replace entry `index` by a value loaded at `loaded_at`, unless it changed since
+        due_shared read it. Counts as one refresh without use."""
+
+    def forget_shared(self, index: int) -> None:
+        """Stop refreshing entry `index` until a process uses it again."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +69,7 @@ class TtlCache(Generic[K, V]):
         self.max_entries = max_entries
         self.sharing: Sharing[K, V] | None = None
         self._entries: dict[K, tuple[float, V]] = {}
+        self._tokens: dict[K, Token] = {}  # where each shared value is, to renew it by
         self._inserts = 0
 
     def get(self, key: K, load: Callable[[], V]) -> V:
@@ -50,6 +78,14 @@ class TtlCache(Generic[K, V]):
         if hit is not None and now - hit[0] < self.max_age:
             return hit[1]
         if self.sharing is not None:
+            # A value another process reloaded and found unchanged: renewed in place,
+            # without decoding it again (the common case while it is refreshed ahead).
+            token = self._tokens.get(key) if hit is not None else None
+            if hit is not None and token is not None:
+                at = self.sharing.table.renew_shared(token, now - self.max_age)
+                if at is not None:
+                    self._entries[key] = (at, hit[1])
+                    return hit[1]
             shared = self._from_shared(self.sharing, key, now)
             if shared is not None:
                 self._entries[key] = shared
@@ -74,17 +110,22 @@ class TtlCache(Generic[K, V]):
     def _from_shared(self, sharing: Sharing[K, V], key: K, now: float
                      ) -> tuple[float, V] | None:
         # Stale entries are the common miss (one worker serving): skip their unmarshalling.
-        got = sharing.table.fetch_shared(sharing.key(key), now - self.max_age)
+        got = sharing.table.fetch_shared_renewable(sharing.key(key), now - self.max_age)
         if got is None:
             return None
         try:
-            return got[0], sharing.load(key, got[1])
+            value = sharing.load(key, got[1])
         except (ValueError, TypeError, IndexError):
             return None  # not what this version stores: load it ourselves
+        self._tokens[key] = got[2]
+        return got[0], value
 
-    @staticmethod
-    def _to_shared(sharing: Sharing[K, V], key: K, at: float, value: V) -> None:
-        sharing.table.store_shared(sharing.key(key), at, sharing.dump(value))
+    def _to_shared(self, sharing: Sharing[K, V], key: K, at: float, value: V) -> None:
+        token = sharing.table.store_shared(sharing.key(key), at, sharing.dump(value))
+        if token is None:
+            self._tokens.pop(key, None)
+        else:
+            self._tokens[key] = token
 
     def _purge(self, now: float) -> None:
         """Drop what has expired (keys of removed cgroups and exited pids would otherwise
@@ -92,3 +133,4 @@ class TtlCache(Generic[K, V]):
         self._entries = {k: e for k, e in self._entries.items() if now - e[0] < self.max_age}
         if len(self._entries) >= self.max_entries:
             self._entries.clear()
+        self._tokens = {k: t for k, t in self._tokens.items() if k in self._entries}

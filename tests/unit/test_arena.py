@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 
-from cgprocfs.fuse.arena import SLOT_DATA, Arena
+from cgprocfs.fuse.arena import SHARED_KEEP, SLOT_DATA, Arena
 
 
 def make() -> Arena:
@@ -156,6 +156,64 @@ def test_an_arena_of_an_earlier_release_grows_to_take_the_shared_entries() -> No
     assert taken.fetch_shared(b"k") == (1.0, 7)
 
 
+def test_entries_in_use_are_due_for_refresh_until_unused_for_shared_keep_refreshes() -> None:
+    a = make()
+    refresher = Arena(a.fd)  # another process's mapping
+    a.store_shared(b"in use", 10.0, ("old", 1))
+    a.store_shared(b"young", 12.0, ("young", 1))
+    # Only entries loaded before the bound are due; the young one waits its turn.
+    due = refresher.due_shared(loaded_before=11.0)
+    assert [(at, value) for _, _, at, value in due] == [(10.0, ("old", 1))]
+    index, digest, at, _ = due[0]
+    assert refresher.refresh_shared(index, digest, at, 11.5, ("new", 2))
+    assert a.fetch_shared(b"in use") == (11.5, ("new", 2))  # a use: back to SHARED_KEEP
+    loaded = 11.5
+    for n in range(SHARED_KEEP):  # refreshed SHARED_KEEP times without a use, then not
+        (index, digest, at, value), = [d for d in refresher.due_shared(loaded + 1)
+                                       if d[3][0] != "young"]
+        assert (at, value) == (loaded, ("new", 2 + n))
+        assert refresher.refresh_shared(index, digest, at, loaded + 1, ("new", 3 + n))
+        loaded += 1
+    assert [d for d in refresher.due_shared(loaded + 1) if d[3][0] != "young"] == []
+    assert a.fetch_shared(b"in use") == (loaded, ("new", 2 + SHARED_KEEP))
+    assert len(refresher.due_shared(loaded + 1)) == 2  # used again: due again
+
+
+def test_a_refresh_never_overwrites_an_entry_that_changed_since_it_was_read() -> None:
+    a = make()
+    a.store_shared(b"k", 10.0, "v1")
+    (index, digest, at, _), = a.due_shared(11.0)
+    a.store_shared(b"k", 10.5, "v2")  # a worker reloaded it meanwhile
+    assert not a.refresh_shared(index, digest, at, 11.0, "stale refresh")
+    assert a.fetch_shared(b"k") == (10.5, "v2")
+    (index, digest, at, _), = a.due_shared(11.0)
+    assert not a.refresh_shared(index, digest, at, 11.0, "x" * 10_000)  # too large
+    assert not a.refresh_shared(index, digest, at, 11.0, object())  # not marshal-able
+    assert not a.refresh_shared(-1, digest, at, 11.0, "v3")
+    a.forget_shared(index)
+    assert a.due_shared(11.0) == []
+    assert a.fetch_shared(b"k") == (10.5, "v2")  # forgotten for refreshes, still valid
+
+
+def test_the_first_parked_seat_is_the_lowest() -> None:
+    a = Arena.create(seats=4, slots_per_seat=2)
+    assert a.first_parked() == -1
+    a.set_parked(3, True)
+    a.set_parked(1, True)
+    assert a.first_parked() == 1
+    a.set_parked(1, False)
+    assert a.first_parked() == 3
+
+
+def test_refresh_counters_are_per_seat() -> None:
+    a = make()
+    a.store_counters(1, 5, 1, 0)
+    a.add_refreshes(1, 3)
+    a.add_refreshes(1, 2)
+    assert (a.refreshes(0), a.refreshes(1)) == (0, 5)
+    assert a.counters(1) == (5, 1, 0)  # beside the other counters, not over them
+
+
 def test_a_parked_process_wakes_when_another_calls_wake_one() -> None:
     a = make()
     seq = a.wake_seq()
@@ -189,3 +247,21 @@ def test_leadership_is_recorded_with_the_pid() -> None:
     assert Arena(a.fd).leader() == (1, 1234)
     a.set_leader(-1, 0)
     assert a.leader() == (-1, 0)
+
+
+def test_a_token_renews_only_the_same_bytes_loaded_later() -> None:
+    a = make()
+    token = a.store_shared(b"k", 10.0, ("v", 1))
+    assert token is not None
+    assert a.renew_shared(token, newer_than=10.0) is None  # not newer than asked
+    assert a.renew_shared(token, newer_than=9.0) == 10.0
+    (index, digest, at, value), = a.due_shared(11.0)
+    assert a.refresh_shared(index, digest, at, 11.0, value)  # reloaded, unchanged
+    assert a.renew_shared(token, newer_than=10.5) == 11.0
+    got = a.fetch_shared_renewable(b"k", 10.5)
+    assert got is not None and got[:2] == (11.0, ("v", 1)) and got[2] == token
+    (index, digest, at, _), = a.due_shared(12.0)
+    assert a.refresh_shared(index, digest, at, 12.0, ("v", 2))  # reloaded, changed
+    assert a.renew_shared(token, newer_than=10.5) is None
+    a.store_shared(b"k", 13.0, ("v", 1))  # the old bytes again, stored under the key
+    assert a.renew_shared(token, newer_than=12.5) == 13.0

@@ -46,3 +46,28 @@ def test_a_shared_value_this_release_cannot_read_is_loaded_instead() -> None:
     arena.store_shared(b"test/1\0ct-1", time.monotonic(), "not a pair")
     cache = shared_cache(arena, 1.0)
     assert cache.get("ct-1", lambda: (1, "loaded")) == (1, "loaded")
+
+
+def test_a_value_refreshed_unchanged_elsewhere_is_renewed_without_decoding_it() -> None:
+    arena = Arena.create(seats=2, slots_per_seat=4)
+    decoded: list[object] = []
+    cache = TtlCache[str, tuple[int, str]](0.2)
+    cache.sharing = Sharing(arena, lambda k: f"test/1\0{k}".encode(), lambda v: v,
+                            lambda k, data: decoded.append(data) or  # type: ignore[func-returns-value]
+                            (int(data[0]), str(data[1])))  # type: ignore[index]
+    assert cache.get("ct-1", lambda: (1, "one")) == (1, "one")
+    time.sleep(0.15)
+    # Another process reloads it before it expires and finds the same value.
+    (index, digest, at, value), = arena.due_shared(time.monotonic())
+    refreshed_at = time.monotonic()
+    assert arena.refresh_shared(index, digest, at, refreshed_at, value)
+    time.sleep(0.1)  # past the bound of the first load, within that of the refresh
+    assert cache.get("ct-1", lambda: (2, "loaded")) == (1, "one")
+    assert decoded == []  # renewed in place: nothing decoded, nothing loaded
+    time.sleep(0.05)
+    # A refresh that found a change: the new value is decoded and served.
+    (index, digest, at, _), = arena.due_shared(time.monotonic())
+    assert arena.refresh_shared(index, digest, at, time.monotonic(), (3, "changed"))
+    time.sleep(0.12)
+    assert cache.get("ct-1", lambda: (4, "loaded")) == (3, "changed")
+    assert decoded == [(3, "changed")]

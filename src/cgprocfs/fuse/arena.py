@@ -30,6 +30,7 @@ import marshal
 import math
 import mmap
 import os
+import re
 import struct
 import time
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ SLOT_SIZE = 32768
 SLOT_HEAD = struct.Struct("<IIQIIH6x")  # generation length inode pid flags nslots
 SLOT_DATA = SLOT_SIZE - SLOT_HEAD.size
 COUNTERS = struct.Struct("<QQQ")  # opens errors fallbacks
+REFRESHES = struct.Struct("<Q")  # after COUNTERS: shared entries this seat refreshed
 COUNTERS_SIZE = 64
 LOADS_AREA = 512 * 1024  # two buffers of half this size
 TIMES_ENTRIES = 4096
@@ -55,6 +57,17 @@ SHARED_ENTRY_SIZE = 512
 SHARED_HEAD = struct.Struct("<16s8sdI4x")  # key digest, check, loaded at, blob length
 SHARED_BLOB_MAX = SHARED_ENTRY_SIZE - SHARED_HEAD.size
 SHARED_PROBES = 8
+# An entry in use is refreshed this many times after its last use (see due_shared): at
+# about one refresh per 0.8-0.9 s, a poller coming back within ~3 s (top's default
+# interval) still finds it fresh; an entry nobody uses is left to expire.
+SHARED_KEEP = 4
+_IN_DEMAND = re.compile(b"[^\x00]")
+# Where a shared value was read or written, and its bytes: (entry offset, digest, blob).
+SharedToken = tuple[int, bytes, bytes]
+# Version 2 has no back-references, so equal values always give equal bytes, whichever
+# objects they were made of: a refresh that changed nothing leaves a value's bytes as
+# they were (renew_shared compares them).
+MARSHAL_VERSION = 2
 MAX_ATTEMPTS = 3
 
 FREE = 0
@@ -112,8 +125,13 @@ class Layout:
         return self.slots_off + self.slots * SLOT_SIZE
 
     @property
-    def size(self) -> int:
+    def demand_off(self) -> int:
+        # One byte per shared entry: refreshes left before it is left to expire.
         return self.shared_off + SHARED_ENTRIES * SHARED_ENTRY_SIZE
+
+    @property
+    def size(self) -> int:
+        return self.demand_off + SHARED_ENTRIES
 
 
 def _align(n: int, to: int) -> int:
@@ -195,6 +213,11 @@ class Arena:
     def any_parked(self) -> bool:
         return self.mem.find(b"\x01", PARKED_OFF, PARKED_OFF + self.layout.seats) >= 0
 
+    def first_parked(self) -> int:
+        """The lowest seat whose worker is parked; -1: none."""
+        at = self.mem.find(b"\x01", PARKED_OFF, PARKED_OFF + self.layout.seats)
+        return at - PARKED_OFF if at >= 0 else -1
+
     def wake_seq(self) -> int:
         return int(self._wake.value)
 
@@ -263,6 +286,14 @@ class Arena:
     def store_counters(self, seat: int, opens: int, errors: int, fallbacks: int) -> None:
         COUNTERS.pack_into(self.mem, self.layout.counters_off + seat * COUNTERS_SIZE,
                            opens, errors, fallbacks)
+
+    def refreshes(self, seat: int) -> int:
+        off = self.layout.counters_off + seat * COUNTERS_SIZE + COUNTERS.size
+        return int(REFRESHES.unpack_from(self.mem, off)[0])
+
+    def add_refreshes(self, seat: int, n: int) -> None:
+        off = self.layout.counters_off + seat * COUNTERS_SIZE + COUNTERS.size
+        REFRESHES.pack_into(self.mem, off, self.refreshes(seat) + n)
 
     def totals(self) -> tuple[int, int, int]:
         sums = [0, 0, 0]
@@ -373,6 +404,12 @@ class Arena:
         being rewritten while it is read fails its check and reads as None: a 128-bit key
         digest and a 64-bit check over the whole entry keep one key's value from ever
         being taken for another's."""
+        got = self.fetch_shared_renewable(key, newer_than)
+        return None if got is None else (got[0], got[1])
+
+    def fetch_shared_renewable(self, key: bytes, newer_than: float = -math.inf
+                               ) -> tuple[float, object, SharedToken] | None:
+        """fetch_shared, with a token to renew the value by (renew_shared)."""
         digest = hashlib.blake2b(key, digest_size=16).digest()
         base = self.layout.shared_off
         h = int.from_bytes(digest[:8], "little")
@@ -388,20 +425,38 @@ class Arena:
             if _check(digest, at, blob) != check:
                 return None
             try:
-                return at, marshal.loads(blob)
+                value = marshal.loads(blob)
             except (ValueError, EOFError, TypeError):
                 return None
+            self.mem[self.layout.demand_off + (off - base) // SHARED_ENTRY_SIZE] = SHARED_KEEP
+            return at, value, (off, digest, blob)
         return None
 
-    def store_shared(self, key: bytes, loaded_at: float, value: object) -> None:
-        """Share `value` (marshal-able; dropped if too large) under `key`, replacing the
-        entry of the same key, else an empty one, else the oldest probed."""
+    def renew_shared(self, token: SharedToken, newer_than: float) -> float | None:
+        """When the entry a token came from holds the same value, loaded after
+        `newer_than` (a refresh found nothing changed): when it was loaded. The value
+        one holds is then as fresh as that, without decoding it again. Else None."""
+        off, digest, blob = token
+        d, check, at, n = SHARED_HEAD.unpack_from(self.mem, off)
+        if d != digest or at <= newer_than or n != len(blob):
+            return None
+        start = off + SHARED_HEAD.size
+        if self.mem[start : start + n] != blob or _check(digest, at, blob) != check:
+            return None
+        base = self.layout.shared_off
+        self.mem[self.layout.demand_off + (off - base) // SHARED_ENTRY_SIZE] = SHARED_KEEP
+        return float(at)
+
+    def store_shared(self, key: bytes, loaded_at: float, value: object
+                     ) -> SharedToken | None:
+        """Share `value` (marshal-able; dropped if too large: None) under `key`, replacing
+        the entry of the same key, else an empty one, else the oldest probed."""
         try:
-            blob = marshal.dumps(value)  # type: ignore[arg-type]
+            blob = marshal.dumps(value, MARSHAL_VERSION)  # type: ignore[arg-type]
         except ValueError:
-            return  # not marshal-able: not shared
+            return None  # not marshal-able: not shared
         if len(blob) > SHARED_BLOB_MAX:
-            return
+            return None
         digest = hashlib.blake2b(key, digest_size=16).digest()
         base = self.layout.shared_off
         h = int.from_bytes(digest[:8], "little")
@@ -414,10 +469,65 @@ class Arena:
                 break
             if at < oldest:  # an empty entry has 0.0: the oldest of all
                 target, oldest = off, at
-        start = target + SHARED_HEAD.size
+        self._write_shared(target, digest, loaded_at, blob)
+        self.mem[self.layout.demand_off + (target - base) // SHARED_ENTRY_SIZE] = SHARED_KEEP
+        return target, digest, blob
+
+    def _write_shared(self, off: int, digest: bytes, loaded_at: float, blob: bytes) -> None:
+        start = off + SHARED_HEAD.size
         self.mem[start : start + len(blob)] = blob
-        SHARED_HEAD.pack_into(self.mem, target, digest, _check(digest, loaded_at, blob),
+        SHARED_HEAD.pack_into(self.mem, off, digest, _check(digest, loaded_at, blob),
                               loaded_at, len(blob))
+
+    def due_shared(self, loaded_before: float) -> list[tuple[int, bytes, float, object]]:
+        """(index, key digest, loaded at, value) of each entry loaded before
+        `loaded_before` and still in demand: stored or fetched by a worker within its last
+        SHARED_KEEP refreshes. A look at one byte per entry finds them."""
+        base, demand = self.layout.shared_off, self.layout.demand_off
+        out: list[tuple[int, bytes, float, object]] = []
+        for m in _IN_DEMAND.finditer(self.mem, demand, demand + SHARED_ENTRIES):
+            index = m.start() - demand
+            off = base + index * SHARED_ENTRY_SIZE
+            digest, check, at, n = SHARED_HEAD.unpack_from(self.mem, off)
+            if at >= loaded_before or n > SHARED_BLOB_MAX:
+                continue
+            blob = self.mem[off + SHARED_HEAD.size : off + SHARED_HEAD.size + n]
+            if _check(digest, at, blob) != check:
+                continue
+            try:
+                out.append((index, digest, at, marshal.loads(blob)))
+            except (ValueError, EOFError, TypeError):
+                continue
+        return out
+
+    def refresh_shared(self, index: int, digest: bytes, was_loaded_at: float,
+                       loaded_at: float, value: object) -> bool:
+        """Replace entry `index` (as due_shared returned it) by `value`, loaded at
+        `loaded_at`, and spend one of its refreshes; False if the entry changed meanwhile
+        (a worker stored it, or another key took its place) or `value` cannot be shared.
+        A store racing with this one leaves a torn entry, which reads as missing."""
+        if not 0 <= index < SHARED_ENTRIES:
+            return False
+        off = self.layout.shared_off + index * SHARED_ENTRY_SIZE
+        d, _, at, _ = SHARED_HEAD.unpack_from(self.mem, off)
+        if d != digest or at != was_loaded_at:
+            return False
+        try:
+            blob = marshal.dumps(value, MARSHAL_VERSION)  # type: ignore[arg-type]
+        except ValueError:
+            return False
+        if len(blob) > SHARED_BLOB_MAX:
+            return False
+        self._write_shared(off, digest, loaded_at, blob)
+        left = self.layout.demand_off + index
+        self.mem[left] = max(0, self.mem[left] - 1)
+        return True
+
+    def forget_shared(self, index: int) -> None:
+        """Stop refreshing entry `index` (one that cannot be refreshed); it stays valid
+        until it expires, and a worker using it puts it back in demand."""
+        if 0 <= index < SHARED_ENTRIES:
+            self.mem[self.layout.demand_off + index] = 0
 
     # ---- published loads -------------------------------------------------------------
     def publish_loads(self, table: dict[str, tuple[int, ...]]) -> None:

@@ -77,7 +77,9 @@ ENV_SPIN_US = "CGPROCFS_SPIN_US"  # 0: never spin
 # /dev/fuse; the others stay parked on a futex in the arena until the leader sees
 # requests queued behind the one it took, serve while requests keep waiting, and park
 # again when none is. A parked worker also checks every PARK_CHECK_S that the leader
-# lives and that no request waits (a leader stuck in a slow cgroup read), and takes over.
+# lives and that no request waits (a leader stuck in a slow cgroup read), and takes over;
+# the first parked one then also refreshes the shared configuration in use that is about
+# to expire (ViewsFS.refresh_ahead), so that the leader finds it fresh.
 PARK_CHECK_S = 0.1
 BACKLOG_TO_WAKE = 2
 ENV_PARKING = "CGPROCFS_PARKING"  # 0: every worker reads /dev/fuse all the time
@@ -269,6 +271,8 @@ class Worker:
                 self.in_read = False
                 if arena.wake_seq() != seq:
                     return True
+                if arena.first_parked() == seat:  # one refresher is enough
+                    self.fs.refresh_ahead()
             return False
         except _Stop:
             return False
