@@ -56,7 +56,12 @@ def readers(d: Daemon, tmp: Path, per_container: int = 2) -> Iterator[list[dict]
                              stdout=subprocess.PIPE, text=True)
             for ct, lim in cts for _ in range(per_container)]
         try:
-            time.sleep(1.0)  # all readers inside their containers and reading
+            # All readers inside their containers and reading (on a slow guest, starting
+            # 16 Python processes takes seconds).
+            deadline = time.monotonic() + 120
+            while len(list(tmp.glob("stop.started-*"))) < len(procs) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.05)
             yield results
         finally:
             stop.touch()

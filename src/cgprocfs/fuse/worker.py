@@ -273,6 +273,8 @@ class Worker:
                     return True
                 if arena.first_parked() == seat:  # one refresher is enough
                     self.fs.refresh_ahead()
+                    if arena.wake_seq() != seq:  # woken while refreshing
+                        return True
             return False
         except _Stop:
             return False
