@@ -217,7 +217,7 @@ class CpuReader:
         return tuple(cpuset[: visible_count(cpuset, quota)])
 
     def placement(self, paths: CpuPaths, container: Callable[[Hierarchy, str], str],
-                  ns_init: int | None) -> CpuPlacement:
+                  ns_init: int | None, pidns: str = "") -> CpuPlacement:
         acct = self.cpuacct or self.cpu
         if acct is None:
             raise OddCgroupData("no cpu accounting hierarchy")
@@ -225,7 +225,7 @@ class CpuReader:
         d = acct.directory(path)
         if d is None:
             raise OddCgroupData(f"cgroup {path} is outside the mounted hierarchy")
-        return CpuPlacement(acct.version, path, d, paths, ns_init)
+        return CpuPlacement(acct.version, path, d, paths, ns_init, pidns=pidns)
 
     def complete(self, p: CpuPlacement, with_cpus: bool, with_start: bool) -> CpuPlacement:
         """`p` with the parts asked for looked up (itself when it has them)."""

@@ -334,9 +334,8 @@ class Resolver:
 
     def _place(self, paths: CpuPaths, ns: str, ns_init: int | None, caller: int = 0
                ) -> CpuPlacement:
-        return replace(self.cpu.placement(
-            paths, lambda h, own: self._path_via_init(ns_init, h, own, caller), ns_init),
-            pidns=ns)
+        return self.cpu.placement(
+            paths, lambda h, own: self._path_via_init(ns_init, h, own, caller), ns_init, ns)
 
     def share_placements(self, table: RefreshableTable) -> None:
         """Let sibling processes (the FUSE workers) use each other's CPU placements: a
@@ -377,7 +376,8 @@ class Resolver:
     def _refreshed(self, data: object, mode: str) -> CpuPlacement | None:
         """The shared placement `data` computed anew; None when that cannot be done here:
         a caller at the root (nothing to refresh), workers of another configuration (left
-        before a SIGHUP), a pid namespace that is gone, a removed cgroup."""
+        before a SIGHUP), a pid namespace that is gone, a removed cgroup, a cgroup without
+        a process."""
         try:
             their_mode, old = _parse_placement(data)
             if their_mode != mode:

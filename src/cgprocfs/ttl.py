@@ -23,8 +23,8 @@ class SharedTable(Protocol):
     """Values (marshal-able) by key, seen by several processes; loaded_at is
     time.monotonic(), which all processes of a host share."""
 
-    def fetch_shared_renewable(self, key: bytes, newer_than: float
-                               ) -> tuple[float, object, Token] | None:
+    def fetch_shared(self, key: bytes, newer_than: float
+                     ) -> tuple[float, object, Token] | None:
         """(loaded at, value, token); None also for an entry loaded at or before
         `newer_than` (stale to the caller)."""
 
@@ -80,7 +80,7 @@ class TtlCache(Generic[K, V]):
         if self.sharing is not None:
             # A value another process reloaded and found unchanged: renewed in place,
             # without decoding it again (the common case while it is refreshed ahead).
-            token = self._tokens.get(key) if hit is not None else None
+            token = self._tokens.get(key)
             if hit is not None and token is not None:
                 at = self.sharing.table.renew_shared(token, now - self.max_age)
                 if at is not None:
@@ -110,7 +110,7 @@ class TtlCache(Generic[K, V]):
     def _from_shared(self, sharing: Sharing[K, V], key: K, now: float
                      ) -> tuple[float, V] | None:
         # Stale entries are the common miss (one worker serving): skip their unmarshalling.
-        got = sharing.table.fetch_shared_renewable(sharing.key(key), now - self.max_age)
+        got = sharing.table.fetch_shared(sharing.key(key), now - self.max_age)
         if got is None:
             return None
         try:

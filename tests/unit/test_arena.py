@@ -3,6 +3,7 @@ keep unanswered requests, loads publish atomically."""
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -11,6 +12,13 @@ from cgprocfs.fuse.arena import SHARED_KEEP, SLOT_DATA, Arena
 
 def make() -> Arena:
     return Arena.create(seats=2, slots_per_seat=8)
+
+
+def fetched(arena: Arena, key: bytes, newer_than: float = -math.inf
+            ) -> tuple[float, object] | None:
+    """(loaded at, value) of a shared entry, without its token."""
+    got = arena.fetch_shared(key, newer_than)
+    return None if got is None else got[:2]
 
 
 def test_a_handle_reads_its_bytes_from_another_mapping() -> None:
@@ -121,18 +129,18 @@ def test_shared_entries_serve_every_mapping_and_never_another_key() -> None:
     other = Arena(a.fd)
     a.store_shared(b"placement/1\0ct-1", 10.5, (1, "/ct-1", "/sys/fs/cgroup/cpu/ct-1", None,
                                                 (0, 1), 3.25))
-    assert other.fetch_shared(b"placement/1\0ct-1") == (
+    assert fetched(other, b"placement/1\0ct-1") == (
         10.5, (1, "/ct-1", "/sys/fs/cgroup/cpu/ct-1", None, (0, 1), 3.25))
-    assert other.fetch_shared(b"placement/1\0ct-2") is None
+    assert fetched(other, b"placement/1\0ct-2") is None
     other.store_shared(b"placement/1\0ct-1", 11.0, None)  # replaced in place
-    assert a.fetch_shared(b"placement/1\0ct-1") == (11.0, None)
+    assert fetched(a, b"placement/1\0ct-1") == (11.0, None)
     # An entry loaded at or before `newer_than` is stale to the caller: missing.
-    assert a.fetch_shared(b"placement/1\0ct-1", newer_than=11.0) is None
-    assert a.fetch_shared(b"placement/1\0ct-1", newer_than=10.9) == (11.0, None)
+    assert fetched(a, b"placement/1\0ct-1", newer_than=11.0) is None
+    assert fetched(a, b"placement/1\0ct-1", newer_than=10.9) == (11.0, None)
     a.store_shared(b"big", 1.0, "x" * 10_000)  # too large to share: dropped
-    assert a.fetch_shared(b"big") is None
+    assert fetched(a, b"big") is None
     a.store_shared(b"odd", 1.0, object())  # not marshal-able: dropped
-    assert a.fetch_shared(b"odd") is None
+    assert fetched(a, b"odd") is None
 
 
 def test_a_torn_shared_entry_reads_as_missing() -> None:
@@ -144,7 +152,7 @@ def test_a_torn_shared_entry_reads_as_missing() -> None:
     at = raw.find(b"/ct-1")
     assert at > 0
     a.mem[base + at + 4] = ord("2")
-    assert a.fetch_shared(b"k") is None
+    assert fetched(a, b"k") is None
 
 
 def test_an_arena_of_an_earlier_release_grows_to_take_the_shared_entries() -> None:
@@ -153,7 +161,7 @@ def test_an_arena_of_an_earlier_release_grows_to_take_the_shared_entries() -> No
     taken = Arena(a.fd)
     assert os.fstat(a.fd).st_size == taken.layout.size
     taken.store_shared(b"k", 1.0, 7)
-    assert taken.fetch_shared(b"k") == (1.0, 7)
+    assert fetched(taken, b"k") == (1.0, 7)
 
 
 def test_entries_in_use_are_due_for_refresh_until_unused_for_shared_keep_refreshes() -> None:
@@ -166,7 +174,7 @@ def test_entries_in_use_are_due_for_refresh_until_unused_for_shared_keep_refresh
     assert [(at, value) for _, _, at, value in due] == [(10.0, ("old", 1))]
     index, digest, at, _ = due[0]
     assert refresher.refresh_shared(index, digest, at, 11.5, ("new", 2))
-    assert a.fetch_shared(b"in use") == (11.5, ("new", 2))  # a use: back to SHARED_KEEP
+    assert fetched(a, b"in use") == (11.5, ("new", 2))  # a use: back to SHARED_KEEP
     loaded = 11.5
     for n in range(SHARED_KEEP):  # refreshed SHARED_KEEP times without a use, then not
         (index, digest, at, value), = [d for d in refresher.due_shared(loaded + 1)
@@ -175,7 +183,7 @@ def test_entries_in_use_are_due_for_refresh_until_unused_for_shared_keep_refresh
         assert refresher.refresh_shared(index, digest, at, loaded + 1, ("new", 3 + n))
         loaded += 1
     assert [d for d in refresher.due_shared(loaded + 1) if d[3][0] != "young"] == []
-    assert a.fetch_shared(b"in use") == (loaded, ("new", 2 + SHARED_KEEP))
+    assert fetched(a, b"in use") == (loaded, ("new", 2 + SHARED_KEEP))
     assert len(refresher.due_shared(loaded + 1)) == 2  # used again: due again
 
 
@@ -185,14 +193,14 @@ def test_a_refresh_never_overwrites_an_entry_that_changed_since_it_was_read() ->
     (index, digest, at, _), = a.due_shared(11.0)
     a.store_shared(b"k", 10.5, "v2")  # a worker reloaded it meanwhile
     assert not a.refresh_shared(index, digest, at, 11.0, "stale refresh")
-    assert a.fetch_shared(b"k") == (10.5, "v2")
+    assert fetched(a, b"k") == (10.5, "v2")
     (index, digest, at, _), = a.due_shared(11.0)
     assert not a.refresh_shared(index, digest, at, 11.0, "x" * 10_000)  # too large
     assert not a.refresh_shared(index, digest, at, 11.0, object())  # not marshal-able
     assert not a.refresh_shared(-1, digest, at, 11.0, "v3")
     a.forget_shared(index)
     assert a.due_shared(11.0) == []
-    assert a.fetch_shared(b"k") == (10.5, "v2")  # forgotten for refreshes, still valid
+    assert fetched(a, b"k") == (10.5, "v2")  # forgotten for refreshes, still valid
 
 
 def test_the_first_parked_seat_is_the_lowest() -> None:
@@ -258,7 +266,7 @@ def test_a_token_renews_only_the_same_bytes_loaded_later() -> None:
     (index, digest, at, value), = a.due_shared(11.0)
     assert a.refresh_shared(index, digest, at, 11.0, value)  # reloaded, unchanged
     assert a.renew_shared(token, newer_than=10.5) == 11.0
-    got = a.fetch_shared_renewable(b"k", 10.5)
+    got = a.fetch_shared(b"k", 10.5)
     assert got is not None and got[:2] == (11.0, ("v", 1)) and got[2] == token
     (index, digest, at, _), = a.due_shared(12.0)
     assert a.refresh_shared(index, digest, at, 12.0, ("v", 2))  # reloaded, changed

@@ -61,8 +61,8 @@ SHARED_PROBES = 8
 # about one refresh per 0.8-0.9 s, a poller coming back within ~3 s (top's default
 # interval) still finds it fresh; an entry nobody uses is left to expire.
 SHARED_KEEP = 4
-_IN_DEMAND = re.compile(b"[^\x00]")
-# Where a shared value was read or written, and its bytes: (entry offset, digest, blob).
+_IN_USE = re.compile(b"[^\x00]")
+# Where a shared value was read or written, and its bytes: (entry index, digest, blob).
 SharedToken = tuple[int, bytes, bytes]
 # Version 2 has no back-references, so equal values always give equal bytes, whichever
 # objects they were made of: a refresh that changed nothing leaves a value's bytes as
@@ -138,6 +138,16 @@ def _align(n: int, to: int) -> int:
     return (n + to - 1) // to * to
 
 
+def _shareable(value: object) -> bytes | None:
+    """`value` as stored in a shared entry; None if it cannot be (not marshal-able, or
+    too large)."""
+    try:
+        blob = marshal.dumps(value, MARSHAL_VERSION)  # type: ignore[arg-type]
+    except ValueError:
+        return None
+    return blob if len(blob) <= SHARED_BLOB_MAX else None
+
+
 def _check(digest: bytes, loaded_at: float, blob: bytes) -> bytes:
     return hashlib.blake2b(digest + struct.pack("<d", loaded_at) + blob,
                            digest_size=8).digest()
@@ -211,7 +221,7 @@ class Arena:
         self.mem[PARKED_OFF + seat] = 1 if parked else 0
 
     def any_parked(self) -> bool:
-        return self.mem.find(b"\x01", PARKED_OFF, PARKED_OFF + self.layout.seats) >= 0
+        return self.first_parked() >= 0
 
     def first_parked(self) -> int:
         """The lowest seat whose worker is parked; -1: none."""
@@ -398,82 +408,85 @@ class Arena:
 
     # ---- shared entries ---------------------------------------------------------------
     def fetch_shared(self, key: bytes, newer_than: float = -math.inf
-                     ) -> tuple[float, object] | None:
-        """(loaded at, value) last stored under `key` by any worker, or None (also when
-        loaded at or before `newer_than`). An entry
+                     ) -> tuple[float, object, SharedToken] | None:
+        """(loaded at, value, token to renew it by: renew_shared) last stored under `key`
+        by any worker, or None (also when loaded at or before `newer_than`). An entry
         being rewritten while it is read fails its check and reads as None: a 128-bit key
         digest and a 64-bit check over the whole entry keep one key's value from ever
-        being taken for another's."""
-        got = self.fetch_shared_renewable(key, newer_than)
-        return None if got is None else (got[0], got[1])
-
-    def fetch_shared_renewable(self, key: bytes, newer_than: float = -math.inf
-                               ) -> tuple[float, object, SharedToken] | None:
-        """fetch_shared, with a token to renew the value by (renew_shared)."""
+        being taken for another's. Marks the entry in use."""
         digest = hashlib.blake2b(key, digest_size=16).digest()
-        base = self.layout.shared_off
         h = int.from_bytes(digest[:8], "little")
         for probe in range(SHARED_PROBES):
-            off = base + ((h + probe) % SHARED_ENTRIES) * SHARED_ENTRY_SIZE
+            index = (h + probe) % SHARED_ENTRIES
+            off = self.layout.shared_off + index * SHARED_ENTRY_SIZE
             if self.mem[off : off + 16] != digest:
                 continue
-            _, check, at, n = SHARED_HEAD.unpack_from(self.mem, off)
-            if n > SHARED_BLOB_MAX or at <= newer_than:
+            got = self._read_shared(off, newer_than)
+            if got is None:
                 return None
-            start = off + SHARED_HEAD.size
-            blob = self.mem[start : start + n]
-            if _check(digest, at, blob) != check:
-                return None
-            try:
-                value = marshal.loads(blob)
-            except (ValueError, EOFError, TypeError):
-                return None
-            self.mem[self.layout.demand_off + (off - base) // SHARED_ENTRY_SIZE] = SHARED_KEEP
-            return at, value, (off, digest, blob)
+            _, at, blob, value = got
+            self.mem[self.layout.demand_off + index] = SHARED_KEEP
+            return at, value, (index, digest, blob)
         return None
 
     def renew_shared(self, token: SharedToken, newer_than: float) -> float | None:
         """When the entry a token came from holds the same value, loaded after
         `newer_than` (a refresh found nothing changed): when it was loaded. The value
         one holds is then as fresh as that, without decoding it again. Else None."""
-        off, digest, blob = token
+        index, digest, blob = token
+        off = self.layout.shared_off + index * SHARED_ENTRY_SIZE
         d, check, at, n = SHARED_HEAD.unpack_from(self.mem, off)
         if d != digest or at <= newer_than or n != len(blob):
             return None
         start = off + SHARED_HEAD.size
         if self.mem[start : start + n] != blob or _check(digest, at, blob) != check:
             return None
-        base = self.layout.shared_off
-        self.mem[self.layout.demand_off + (off - base) // SHARED_ENTRY_SIZE] = SHARED_KEEP
+        self.mem[self.layout.demand_off + index] = SHARED_KEEP
         return float(at)
 
     def store_shared(self, key: bytes, loaded_at: float, value: object
                      ) -> SharedToken | None:
         """Share `value` (marshal-able; dropped if too large: None) under `key`, replacing
-        the entry of the same key, else an empty one, else the oldest probed."""
-        try:
-            blob = marshal.dumps(value, MARSHAL_VERSION)  # type: ignore[arg-type]
-        except ValueError:
-            return None  # not marshal-able: not shared
-        if len(blob) > SHARED_BLOB_MAX:
+        the entry of the same key, else an empty one, else the oldest probed. Marks the
+        entry in use."""
+        blob = _shareable(value)
+        if blob is None:
             return None
         digest = hashlib.blake2b(key, digest_size=16).digest()
-        base = self.layout.shared_off
         h = int.from_bytes(digest[:8], "little")
         target, oldest = -1, float("inf")
         for probe in range(SHARED_PROBES):
-            off = base + ((h + probe) % SHARED_ENTRIES) * SHARED_ENTRY_SIZE
-            d, _, at, _ = SHARED_HEAD.unpack_from(self.mem, off)
+            index = (h + probe) % SHARED_ENTRIES
+            d, _, at, _ = SHARED_HEAD.unpack_from(
+                self.mem, self.layout.shared_off + index * SHARED_ENTRY_SIZE)
             if d == digest:
-                target = off
+                target = index
                 break
             if at < oldest:  # an empty entry has 0.0: the oldest of all
-                target, oldest = off, at
+                target, oldest = index, at
         self._write_shared(target, digest, loaded_at, blob)
-        self.mem[self.layout.demand_off + (target - base) // SHARED_ENTRY_SIZE] = SHARED_KEEP
+        self.mem[self.layout.demand_off + target] = SHARED_KEEP
         return target, digest, blob
 
-    def _write_shared(self, off: int, digest: bytes, loaded_at: float, blob: bytes) -> None:
+    def _read_shared(self, off: int, newer_than: float, older_than: float = math.inf
+                     ) -> tuple[bytes, float, bytes, object] | None:
+        """(key digest, loaded at, bytes, value) of the entry at `off` if it is intact and
+        was loaded after `newer_than` and before `older_than` (others are not decoded)."""
+        digest, check, at, n = SHARED_HEAD.unpack_from(self.mem, off)
+        if n > SHARED_BLOB_MAX or not newer_than < at < older_than:
+            return None
+        start = off + SHARED_HEAD.size
+        blob = self.mem[start : start + n]
+        if _check(digest, at, blob) != check:
+            return None
+        try:
+            return digest, at, blob, marshal.loads(blob)
+        except (ValueError, EOFError, TypeError):
+            return None
+
+    def _write_shared(self, index: int, digest: bytes, loaded_at: float, blob: bytes
+                      ) -> None:
+        off = self.layout.shared_off + index * SHARED_ENTRY_SIZE
         start = off + SHARED_HEAD.size
         self.mem[start : start + len(blob)] = blob
         SHARED_HEAD.pack_into(self.mem, off, digest, _check(digest, loaded_at, blob),
@@ -481,23 +494,16 @@ class Arena:
 
     def due_shared(self, loaded_before: float) -> list[tuple[int, bytes, float, object]]:
         """(index, key digest, loaded at, value) of each entry loaded before
-        `loaded_before` and still in demand: stored or fetched by a worker within its last
+        `loaded_before` and still in use: stored or fetched by a worker within its last
         SHARED_KEEP refreshes. A look at one byte per entry finds them."""
-        base, demand = self.layout.shared_off, self.layout.demand_off
+        demand = self.layout.demand_off
         out: list[tuple[int, bytes, float, object]] = []
-        for m in _IN_DEMAND.finditer(self.mem, demand, demand + SHARED_ENTRIES):
+        for m in _IN_USE.finditer(self.mem, demand, demand + SHARED_ENTRIES):
             index = m.start() - demand
-            off = base + index * SHARED_ENTRY_SIZE
-            digest, check, at, n = SHARED_HEAD.unpack_from(self.mem, off)
-            if at >= loaded_before or n > SHARED_BLOB_MAX:
-                continue
-            blob = self.mem[off + SHARED_HEAD.size : off + SHARED_HEAD.size + n]
-            if _check(digest, at, blob) != check:
-                continue
-            try:
-                out.append((index, digest, at, marshal.loads(blob)))
-            except (ValueError, EOFError, TypeError):
-                continue
+            off = self.layout.shared_off + index * SHARED_ENTRY_SIZE
+            got = self._read_shared(off, -math.inf, loaded_before)
+            if got is not None:
+                out.append((index, got[0], got[1], got[3]))
         return out
 
     def refresh_shared(self, index: int, digest: bytes, was_loaded_at: float,
@@ -508,24 +514,19 @@ class Arena:
         A store racing with this one leaves a torn entry, which reads as missing."""
         if not 0 <= index < SHARED_ENTRIES:
             return False
-        off = self.layout.shared_off + index * SHARED_ENTRY_SIZE
-        d, _, at, _ = SHARED_HEAD.unpack_from(self.mem, off)
-        if d != digest or at != was_loaded_at:
+        d, _, at, _ = SHARED_HEAD.unpack_from(
+            self.mem, self.layout.shared_off + index * SHARED_ENTRY_SIZE)
+        blob = _shareable(value)
+        if d != digest or at != was_loaded_at or blob is None:
             return False
-        try:
-            blob = marshal.dumps(value, MARSHAL_VERSION)  # type: ignore[arg-type]
-        except ValueError:
-            return False
-        if len(blob) > SHARED_BLOB_MAX:
-            return False
-        self._write_shared(off, digest, loaded_at, blob)
+        self._write_shared(index, digest, loaded_at, blob)
         left = self.layout.demand_off + index
         self.mem[left] = max(0, self.mem[left] - 1)
         return True
 
     def forget_shared(self, index: int) -> None:
         """Stop refreshing entry `index` (one that cannot be refreshed); it stays valid
-        until it expires, and a worker using it puts it back in demand."""
+        until it expires, and a worker using it puts it back in use."""
         if 0 <= index < SHARED_ENTRIES:
             self.mem[self.layout.demand_off + index] = 0
 
