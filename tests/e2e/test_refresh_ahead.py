@@ -69,15 +69,18 @@ def must_not_load(*args: object) -> CpuPlacement:
 @pytest.mark.parametrize("pid_ns", [False, True], ids=["host-pid-ns", "own-pid-ns"])
 def test_an_idle_worker_refreshes_placements_in_use_from_the_current_cgroup_files(
         root_fuse: None, pid_ns: bool) -> None:
+    """The refreshed placement carries the cgroup's current quota (seen as a change of
+    visible CPUs on a machine with two or more; with one, both quotas show one CPU)."""
+    want_before, want_after = 1, min(ONLINE, 2)
     if ONLINE < 2:
-        pytest.skip(f"needs two online CPUs to see a quota change; this machine has {ONLINE}")
+        print(f"\none online CPU: the quota change cannot change the CPUs shown ({ONLINE})")
     arena = Arena.create(seats=3, slots_per_seat=2)
     leader, idle = worker(arena), worker(arena)
     with make_container(256 << 20) as ct:
         ct.set_cpus(1.0)
         with sleeper(ct, pid_ns) as pid:
             _, first = leader.cpu_placement(pid, with_cpus=True, with_start=True)
-            assert first is not None and first.cpus is not None and len(first.cpus) == 1
+            assert first is not None and first.cpus is not None and len(first.cpus) == want_before
             assert (first.ns_init is not None) == pid_ns
             ct.set_cpus(2.0)
             assert idle.refresh_placements() == 0  # not due yet: loaded just now
@@ -88,7 +91,7 @@ def test_an_idle_worker_refreshes_placements_in_use_from_the_current_cgroup_file
             third = worker(arena)
             third.cpu.placement = must_not_load  # type: ignore[method-assign]
             _, got = third.cpu_placement(pid, with_cpus=True, with_start=True)
-            assert got is not None and got.cpus is not None and len(got.cpus) == 2
+            assert got is not None and got.cpus is not None and len(got.cpus) == want_after
             assert (got.cgroup, got.directory, got.ns_init, got.pidns) == \
                 (first.cgroup, first.directory, first.ns_init, first.pidns)
             assert got.start == pytest.approx(first.start, abs=0.02)
