@@ -116,6 +116,10 @@ class ViewsFS:
         self._attrs = {i: self._node_attr(n) for i, n in self.nodes.items()}
         self.cpu_dir_inode, self.cpu_dir = self._mirror()
         self._refresh_logged = -math.inf
+        # The request being answered (its FUSE unique), set by the worker: a READ that a
+        # killed worker may already have answered is replayed by its successor, and must
+        # then not render the handle again (read()).
+        self.unique = 0
         self.ops: dict[int, Callable[[int, int, memoryview], bytes]] = {
             abi.LOOKUP: self.lookup, abi.GETATTR: self.getattr, abi.READLINK: self.readlink,
             abi.OPEN: self.open, abi.READ: self.read, abi.RELEASE: self.release,
@@ -268,18 +272,19 @@ class ViewsFS:
         if found is None:
             raise FsError(errno.EBADF)
         start, length, inode, flags, opener = found
-        if off == 0 and flags and inode in self.nodes and not self.nodes[inode].status \
-                and same_process(pid, opener):
+        replay = self.unique != 0 and self.arena.last_reader(fh) == self.unique & 0xFFFFFFFFFFFF
+        if off == 0 and flags and not replay and inode in self.nodes \
+                and not self.nodes[inode].status and same_process(pid, opener):
             # A read from offset 0 on a handle already read is a new look, as with the
             # kernel's seq_file (top, `free -s` and `vmstat N` keep the file open): the
             # opening process gets a fresh rendering. A descriptor handed to another
             # process keeps the bytes rendered at open: it never shows the reader's
             # numbers as the opener's, nor the opener's container to a reused pid.
             fresh = self._content(inode, pid)
-            if self.arena.replace(fh, fresh):
+            if self.arena.replace(fh, fresh, self.unique):
                 return fresh[:size]
         elif not flags:
-            self.arena.mark_read(fh)
+            self.arena.mark_read(fh, self.unique)
         if off >= length:
             return b""
         end = min(length, off + size)

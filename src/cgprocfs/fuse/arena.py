@@ -73,6 +73,10 @@ MAX_ATTEMPTS = 3
 FREE = 0
 IN_USE = 1
 READ_ONCE = 1  # slot flag: the handle has been read (a read at 0 then renders again)
+# In a slot's head padding: the request (FUSE unique, low 48 bits) that last read the
+# handle at offset 0. A worker replaying a request its killed predecessor may already
+# have answered must not render the handle again: the reader may hold the first answer.
+SLOT_READER = slice(26, 32)
 
 SPINNER_OFF = 64  # header byte: 1 + the seat of the worker spinning for requests, or 0
 LEADER = struct.Struct("<II")  # 1 + the leading worker's seat (0: none), its pid
@@ -343,8 +347,9 @@ class Arena:
         SLOT_HEAD.pack_into(self.mem, off, gen, n, inode, pid, 0, k)
         return gen << 32 | slot
 
-    def replace(self, fh: int, data: bytes) -> bool:
-        """New bytes for a live handle, if they fit its slots (else keep the old)."""
+    def replace(self, fh: int, data: bytes, unique: int = 0) -> bool:
+        """New bytes for a live handle, if they fit its slots (else keep the old), read
+        by request `unique`."""
         off = self.slots_off + (fh & 0xFFFFFFFF) * SLOT_SIZE
         gen, _, inode, pid, flags, k = SLOT_HEAD.unpack_from(self.mem, off)
         n = len(data)
@@ -352,6 +357,7 @@ class Arena:
             return False
         self.mem[off + SLOT_HEAD.size : off + SLOT_HEAD.size + n] = data
         SLOT_HEAD.pack_into(self.mem, off, gen, n, inode, pid, flags, k)
+        self._set_reader(off, unique)
         return True
 
     def lookup(self, fh: int) -> tuple[int, int, int, int, int] | None:
@@ -366,9 +372,21 @@ class Arena:
             return None
         return off + SLOT_HEAD.size, length, inode, flags, pid
 
-    def mark_read(self, fh: int) -> None:
+    def mark_read(self, fh: int, unique: int = 0) -> None:
+        """The handle was read at offset 0, by request `unique`."""
         off = self.slots_off + (fh & 0xFFFFFFFF) * SLOT_SIZE
         struct.pack_into("<I", self.mem, off + 20, READ_ONCE)
+        self._set_reader(off, unique)
+
+    def last_reader(self, fh: int) -> int:
+        """The request that last read the handle at offset 0 (low 48 bits; 0: none)."""
+        off = self.slots_off + (fh & 0xFFFFFFFF) * SLOT_SIZE
+        return int.from_bytes(self.mem[off + SLOT_READER.start : off + SLOT_READER.stop],
+                              "little")
+
+    def _set_reader(self, off: int, unique: int) -> None:
+        self.mem[off + SLOT_READER.start : off + SLOT_READER.stop] = \
+            (unique & 0xFFFFFFFFFFFF).to_bytes(6, "little")
 
     def free(self, fh: int) -> bool:
         if self.lookup(fh) is None:

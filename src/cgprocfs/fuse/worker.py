@@ -318,6 +318,7 @@ class Worker:
             err = -errno.ENOSYS
         else:
             try:
+                self.fs.unique = unique
                 payload = op(nodeid, pid, buf[abi.IN_HEADER_SIZE : length])
                 err = 0
             except FsError as exc:
