@@ -24,15 +24,20 @@ class OddCgroupData(ValueError):
 
 @dataclass(frozen=True)
 class MeminfoLayout:
-    """The key order and column layout of a meminfo text, as one format string (the
-    kernel prints each number right-aligned in 8 columns after a padded label)."""
+    """The key order and column layout of a meminfo text, as one printf-style template
+    (the kernel prints each number with %8lu after a padded label; `%` formatting of
+    ~55 numbers costs a third less than str.format, and this runs on every open)."""
 
     keys: tuple[str, ...]
     template: str
 
     def format(self, values: Mapping[str, int]) -> str:
         get = values.get
-        return self.template.format(*[get(k, 0) for k in self.keys])
+        return self.template % tuple([get(k, 0) for k in self.keys])
+
+
+def _printf_literal(text: str) -> str:
+    return text.replace("%", "%%")
 
 
 def meminfo_layout(text: str) -> MeminfoLayout:
@@ -48,8 +53,8 @@ def meminfo_layout(text: str) -> MeminfoLayout:
         pad = max(0, len(rest) - len(stripped) + len(number) - field)
         prefix = f"{key}:{rest[:pad]}"
         keys.append(key)
-        esc = prefix.replace("{", "{{").replace("}", "}}")
-        parts.append(f"{esc}{{:>8}}{' ' + suffix if suffix else ''}\n")
+        tail = f" {suffix}" if suffix else ""
+        parts.append(f"{_printf_literal(prefix)}%8d{_printf_literal(tail)}\n")
     return MeminfoLayout(tuple(keys), "".join(parts))
 
 

@@ -248,3 +248,15 @@ def test_layout_reproduces_the_host_text_exactly(fx: Path) -> None:
 
     text = (fx / "proc/meminfo").read_text()
     assert meminfo_layout(text).format(parse_meminfo(text)) == text
+
+
+def test_layout_keeps_labels_and_units_literal() -> None:
+    """The layout is a printf template: a label or unit with % or braces in it (none of
+    today's kernels print one) must come out as written, never as a conversion."""
+    from cgprocfs.snapshot import meminfo_layout
+
+    text = "MemTotal:       16384 kB\nOdd%d{0}:           7 %s\nWide:     123456789012 kB\n"
+    layout = meminfo_layout(text)
+    assert layout.format(parse_meminfo(text)) == text
+    assert layout.format({"MemTotal": 1}) == \
+        "MemTotal:           1 kB\nOdd%d{0}:           0 %s\nWide:            0 kB\n"

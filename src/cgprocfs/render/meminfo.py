@@ -84,15 +84,16 @@ _V1_KEYS = tuple((k, "total_" + v1, v1) for k, (_, v1) in STAT_FIELDS.items() if
 _V1_ABSENT = tuple(k for k, (_, v1) in STAT_FIELDS.items() if v1 is None)
 
 
-def _stat_fields(view: MemoryView) -> dict[str, int]:
-    """All STAT_FIELDS at once (the hot path: one dict lookup per field)."""
+def _stat_fields(view: MemoryView, cap: int) -> dict[str, int]:
+    """All STAT_FIELDS at once, each at most `cap` (the hot path: one dict lookup per
+    field, one dict built)."""
     get = view.stat.get
     if view.version == 2:
-        return {k: max(0, get(v2, 0)) for k, v2 in _V2_KEYS}
+        return {k: min(max(0, get(v2, 0)), cap) for k, v2 in _V2_KEYS}
     out = dict.fromkeys(_V1_ABSENT, 0)
     for k, total, own in _V1_KEYS:
         value = get(total)
-        out[k] = max(0, get(own, 0) if value is None else value)
+        out[k] = min(max(0, get(own, 0) if value is None else value), cap)
     return out
 
 
@@ -113,20 +114,20 @@ def memory_figures(host: HostMemory, view: MemoryView, opts: RenderOptions) -> d
     total = host_total if view.limit is None else min(view.limit, host_total)
     free = min(max(0, total - view.usage), host_free)
 
-    def s(v2: str, v1: str | None) -> int:
-        return stat_value(view, v2, v1)
-
-    reclaimable = s("active_file", "active_file") + s("inactive_file", "inactive_file")
-    reclaimable += s("slab_reclaimable", None)
+    reclaimable = stat_value(view, "active_file", "active_file") \
+        + stat_value(view, "inactive_file", "inactive_file") \
+        + stat_value(view, "slab_reclaimable", None)
     avail = min(free + reclaimable, total, host_avail)
     free = min(free, avail)
 
-    out = {k: min(v, total) for k, v in _stat_fields(view).items()}
+    out = _stat_fields(view, total)
     out["Active"] = min(out["Active(anon)"] + out["Active(file)"], total)
     out["Inactive"] = min(out["Inactive(anon)"] + out["Inactive(file)"], total)
     # The kernel's Cached excludes the swap cache; v2's `file` counts it, v1's `cache` not.
-    v2_cached = s("file", None) - s("swapcached", None)
-    cached = v2_cached if view.version == 2 else s("cache", "cache")
+    if view.version == 2:
+        cached = stat_value(view, "file", None) - stat_value(view, "swapcached", None)
+    else:
+        cached = stat_value(view, "cache", "cache")
     # Buffers is 0: a cgroup has no separate buffer figure; block-device pages are in Cached.
     out["Buffers"] = 0
     out["Cached"] = max(0, min(cached, total - out["SReclaimable"]))
@@ -150,9 +151,7 @@ def memory_figures(host: HostMemory, view: MemoryView, opts: RenderOptions) -> d
     if host_total_kb > 0 and "CommitLimit" in hm:
         ratio = max(0, hm["CommitLimit"] - hm.get("SwapTotal", 0)) / host_total_kb
         kb["CommitLimit"] = int(kb["MemTotal"] * ratio) + kb["SwapTotal"]
-    for key in HOST_CONSTANTS:
-        if key in hm:
-            kb[key] = hm[key]
+    kb.update({key: hm[key] for key in HOST_CONSTANTS if key in hm})
     return kb
 
 
