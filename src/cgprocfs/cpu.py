@@ -24,7 +24,7 @@ from cgprocfs.cgroups import (
     read_small,
 )
 from cgprocfs.snapshot import OddCgroupData, parse_flat_keyed
-from cgprocfs.ttl import TtlCache
+from cgprocfs.ttl import TtlCache, WhileCgroupExists
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -189,7 +189,7 @@ class CpuReader:
                  cpuset: Hierarchy | None, use_quota: bool = True) -> None:
         self.cpu, self.cpuacct, self.cpuset = cpu, cpuacct, cpuset
         self.use_quota = use_quota
-        self._oldest: dict[str, tuple[int, float]] = {}
+        self._oldest: WhileCgroupExists[str, tuple[int, float]] = WhileCgroupExists()
         self._tasks = TtlCache[tuple[str, int], tuple[int, int, int, int]](self.TASKS_MAX_AGE)
         # Online CPUs are host configuration, read as often as the placements using them.
         self._online = TtlCache[None, list[int]](self.ONLINE_MAX_AGE)
@@ -331,7 +331,5 @@ class CpuReader:
                     oldest = (int(pid_text), s)
         if oldest is None:
             return None
-        if len(self._oldest) > 4096:
-            self._oldest.clear()
-        self._oldest[d] = oldest
+        self._oldest.put(d, d, oldest)
         return oldest[1]

@@ -7,6 +7,7 @@ so the bound holds whichever process answers."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -88,12 +89,12 @@ class TtlCache(Generic[K, V]):
                     return hit[1]
             shared = self._from_shared(self.sharing, key, now)
             if shared is not None:
+                if hit is None:  # a worker that mostly fetches must purge too
+                    self._count_insert(now)
                 self._entries[key] = shared
                 return shared[1]
         value = load()
-        self._inserts += 1
-        if self._inserts % 512 == 0 or len(self._entries) >= self.max_entries:
-            self._purge(now)
+        self._count_insert(now)
         self._entries[key] = (now, value)
         if self.sharing is not None:
             self._to_shared(self.sharing, key, now, value)
@@ -127,6 +128,11 @@ class TtlCache(Generic[K, V]):
         else:
             self._tokens[key] = token
 
+    def _count_insert(self, now: float) -> None:
+        self._inserts += 1
+        if self._inserts % 512 == 0 or len(self._entries) >= self.max_entries:
+            self._purge(now)
+
     def _purge(self, now: float) -> None:
         """Drop what has expired (keys of removed cgroups and exited pids would otherwise
         pile up until the size bound); clear all if it is still full."""
@@ -134,3 +140,40 @@ class TtlCache(Generic[K, V]):
         if len(self._entries) >= self.max_entries:
             self._entries.clear()
         self._tokens = {k: t for k, t in self._tokens.items() if k in self._entries}
+
+
+class WhileCgroupExists(Generic[K, V]):
+    """Values kept per container for as long as its cgroup directory exists (the last CPU
+    counters shown, the oldest process found). A key is never reused by another container,
+    so without this a busy node's daemon would keep one entry for every container it ever
+    served. Gone directories are swept once per `sweep_every` new keys, one stat(2) each,
+    so a lookup stays a dict lookup; `max_entries` still bounds a node with that many live."""
+
+    def __init__(self, sweep_every: int = 256, max_entries: int = 8192) -> None:
+        self.sweep_every = sweep_every
+        self.max_entries = max_entries
+        self._entries: dict[K, tuple[str, V]] = {}
+        self._new_keys = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: K) -> V | None:
+        hit = self._entries.get(key)
+        return None if hit is None else hit[1]
+
+    def put(self, key: K, directory: str, value: V) -> None:
+        if key not in self._entries:
+            self._new_keys += 1
+            if self._new_keys >= self.sweep_every:
+                self.sweep()
+        self._entries[key] = (directory, value)
+
+    def sweep(self) -> None:
+        """Drop the entries of removed cgroups (and all, if still full)."""
+        self._new_keys = 0
+        gone = {d for d in {e[0] for e in self._entries.values()} if not os.path.isdir(d)}
+        if gone:
+            self._entries = {k: e for k, e in self._entries.items() if e[0] not in gone}
+        if len(self._entries) >= self.max_entries:
+            self._entries.clear()

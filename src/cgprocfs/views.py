@@ -31,6 +31,7 @@ from cgprocfs.render.swaps import render_swaps
 from cgprocfs.render.vmstat import render_vmstat
 from cgprocfs.resolve import CpuSnapshot, Resolver
 from cgprocfs.snapshot import HostMemory, MemoryView, OddCgroupData, RenderOptions
+from cgprocfs.ttl import WhileCgroupExists
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ class Renderer:
         self._warned: set[str] = set()
         self.fallbacks = 0
         # Last CPU counters shown per container, so that every counter only grows.
-        self._times: dict[tuple[str, float], CpuTimes] = {}
+        self._times: WhileCgroupExists[tuple[str, float], CpuTimes] = WhileCgroupExists()
         # Set by workers: the same memory shared by every worker process.
         self.shared_times: Callable[[tuple[str, float], CpuTimes], CpuTimes] | None = None
         self.loads: LoadSource = LoadTracker()
@@ -224,9 +225,7 @@ class Renderer:
         times = cpu_times(snap.view).at_least(self._times.get(key))
         if self.shared_times is not None:
             times = self.shared_times(key, times)
-        if len(self._times) > 8192:
-            self._times.clear()
-        self._times[key] = times
+        self._times.put(key, snap.view.directory, times)
         return Rendered(render(CpuContext(snap.view, snap, times)), snap.caller)
 
     def _render_load(self, view: View, pid: int) -> Rendered:

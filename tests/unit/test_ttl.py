@@ -3,10 +3,12 @@ serves its siblings with the age it was loaded at."""
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 from cgprocfs.fuse.arena import Arena
-from cgprocfs.ttl import Sharing, TtlCache
+from cgprocfs.ttl import Sharing, TtlCache, WhileCgroupExists
 
 
 def shared_cache(arena: Arena, max_age: float) -> TtlCache[str, tuple[int, str]]:
@@ -71,3 +73,40 @@ def test_a_value_refreshed_unchanged_elsewhere_is_renewed_without_decoding_it() 
     time.sleep(0.12)
     assert cache.get("ct-1", lambda: (4, "loaded")) == (3, "changed")
     assert decoded == [(3, "changed")]
+
+
+def test_a_worker_that_only_fetches_shared_values_still_drops_expired_ones() -> None:
+    """Keys of removed containers must not pile up in a worker whose values all come from
+    its siblings (the common case with refresh ahead): fetches count towards the purge."""
+    arena = Arena.create(seats=2, slots_per_seat=4)
+    loader, fetcher = shared_cache(arena, 0.05), shared_cache(Arena(arena.fd), 0.05)
+    for i in range(600):
+        loader.get(f"ct-{i}", lambda i=i: (i, "x"))  # type: ignore[misc]
+        assert fetcher.get(f"ct-{i}", lambda: (-1, "loaded")) == (i, "x")
+        if i == 299:
+            time.sleep(0.06)  # the first 300 expire
+    assert len(fetcher._entries) < 600  # purged at its 512th new key
+    assert "ct-0" not in fetcher._entries and "ct-599" in fetcher._entries
+
+
+def test_entries_of_a_removed_cgroup_are_dropped_at_the_next_sweep(tmp_path: Path) -> None:
+    live, removed = tmp_path / "live", tmp_path / "removed"
+    live.mkdir()
+    removed.mkdir()
+    kept = WhileCgroupExists[str, int](sweep_every=4)
+    kept.put("a", str(live), 1)
+    kept.put("b", str(removed), 2)
+    kept.put("a", str(live), 3)  # an update is not a new key
+    assert (kept.get("a"), kept.get("b"), len(kept)) == (3, 2, 2)
+    os.rmdir(removed)
+    kept.put("c", str(live), 4)
+    assert kept.get("b") == 2  # only 3 new keys so far: no sweep yet
+    kept.put("d", str(live), 5)  # the 4th new key sweeps
+    assert kept.get("b") is None and [kept.get(k) for k in "acd"] == [3, 4, 5]
+
+
+def test_a_full_map_of_live_cgroups_starts_over(tmp_path: Path) -> None:
+    kept = WhileCgroupExists[int, int](sweep_every=2, max_entries=4)
+    for i in range(6):  # sweeps at the 2nd, 4th and 6th new key; full at the 6th
+        kept.put(i, str(tmp_path), i)
+    assert len(kept) == 1 and kept.get(5) == 5 and kept.get(0) is None

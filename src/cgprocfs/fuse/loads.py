@@ -84,19 +84,21 @@ class SharedLoads:
     def _refresh(self, directory: str, version: int, reader: int) -> str:
         """Take the sampler's latest table; remind it of this cgroup now and then."""
         key = _key(directory, version)
+        now = time.monotonic()
         if self.arena.loads_version() != self._version:
             self._version, self._table = self.arena.read_loads()
             self._first.clear()
             self._lines.clear()
-        now = time.monotonic()
+            # A reminder older than REMIND_EVERY counts as none: forget it, so that the
+            # containers removed since do not pile up here.
+            self._reminded = {k: t for k, t in self._reminded.items()
+                              if now - t < REMIND_EVERY}
         if now - self._reminded.get(key, -REMIND_EVERY) >= REMIND_EVERY:
             try:
                 self.sock.send(f"{key}\0{reader}".encode())
                 self._reminded[key] = now
             except OSError:
                 pass  # the sampler is restarting; we remind it on a later read
-            if len(self._reminded) > 100_000:
-                self._reminded.clear()
         return key
 
 

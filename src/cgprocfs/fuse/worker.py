@@ -13,6 +13,7 @@ inherited descriptors and environment variables (see Worker.from_environment).
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -131,17 +132,16 @@ def build_renderer(cfg: Config, loads_fd: int | None, arena: Arena) -> Renderer:
     if loads_fd is not None:
         renderer.loads = SharedLoads(arena, loads_fd)
 
-    hashes: dict[tuple[str, float], int] = {}
+    # The hash is cheap to recompute; a small LRU keeps the containers in use and does not
+    # grow with every container ever served.
+    @functools.lru_cache(maxsize=1024)
+    def times_key(key: tuple[str, float]) -> int:
+        digest = hashlib.blake2b(f"{key[0]}\0{key[1]}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") or 1
 
     def shared_times(key: tuple[str, float], times: CpuTimes) -> CpuTimes:
-        h = hashes.get(key)
-        if h is None:
-            digest = hashlib.blake2b(f"{key[0]}\0{key[1]}".encode(), digest_size=8).digest()
-            h = int.from_bytes(digest, "little") or 1
-            if len(hashes) >= 8192:
-                hashes.clear()
-            hashes[key] = h
-        return CpuTimes(*arena.times_at_least(h, (times.user, times.system, times.idle)))
+        return CpuTimes(*arena.times_at_least(times_key(key),
+                                              (times.user, times.system, times.idle)))
 
     renderer.shared_times = shared_times
     resolver.share_placements(arena)
