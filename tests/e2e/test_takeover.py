@@ -20,6 +20,14 @@ import pytest
 from support import PYTHON, REPO, Container, Daemon, make_container, meminfo_kb, running_daemon
 
 READER = str(Path(__file__).with_name("takeover_reader.py"))
+
+# user-mode-linux (the cgroup v2 guest) has no fast GUP. The kernel pins a worker's memory
+# to copy a request in or a reply out by the slow path, which gives up when a SIGKILL is
+# pending even if the pages are present (mm/gup.c, __get_user_pages), and FUSE then fails
+# that one request with EIO, before any successor can take it. Kernels with fast GUP
+# (x86-64, arm64: the host lane) pin the worker's pre-faulted seat without that check, so
+# there a reader must see no error at all.
+KILL_MAY_FAIL_ITS_REQUEST = "User Mode Linux" in Path("/proc/cpuinfo").read_text()
 FAULTS = str(Path(__file__).with_name("faults"))
 LIMITS = (128 << 20, 192 << 20, 256 << 20, 320 << 20)
 
@@ -70,12 +78,24 @@ def readers(d: Daemon, tmp: Path, per_container: int = 2) -> Iterator[list[dict]
                 results.append(json.loads(out) if out.strip() else {"crashed": p.returncode})
 
 
-def assert_clean(results: list[dict], n: int = 8) -> float:  # type: ignore[type-arg]
+def assert_no_errors(errors: dict[str, int], kills: int) -> None:
+    """No error at all (no ENOTCONN, no ECONNABORTED, nothing); on a kernel without fast
+    GUP, at most one EIO per worker killed (KILL_MAY_FAIL_ITS_REQUEST), and said so."""
+    if errors and KILL_MAY_FAIL_ITS_REQUEST and set(errors) == {"EIO"} \
+            and errors["EIO"] <= kills:
+        print(f"\n{errors['EIO']} EIO of {kills} worker kills: requests failed by the "
+              "kernel while it copied them (user-mode-linux has no fast GUP)")
+        return
+    assert errors == {}, errors
+
+
+def assert_clean(results: list[dict], n: int = 8, kills: int = 0  # type: ignore[type-arg]
+                 ) -> float:
     assert len(results) == n
     for r in results:
         assert "crashed" not in r, r
         assert r["reads"] > 0, r
-        assert r["errors"] == {}, r  # no ENOTCONN, no ECONNABORTED, nothing
+        assert_no_errors(r["errors"], kills)
         assert r["wrong"] == [], r
     stall = max(r["max_stall"] for r in results)
     print(f"\n{sum(r['reads'] for r in results)} reads by {n} readers, longest stall "
@@ -88,11 +108,13 @@ def test_sigkill_every_serving_process_20_times_under_load(root_fuse: None,
     """8 readers in 4 cgroups; every worker and the sampler get SIGKILL 20 times at
     random moments: zero errors, zero wrong answers."""
     rng = random.Random(7)
+    kills = 0
     with running_daemon() as d, readers(d, tmp_path) as results:
         for _ in range(20):
             time.sleep(rng.uniform(0.05, 0.6))
             victims = children(d.proc.pid)
             assert victims, d.log()
+            kills += len(victims)
             for pid in victims:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -100,7 +122,7 @@ def test_sigkill_every_serving_process_20_times_under_load(root_fuse: None,
             assert wait_for(lambda v=set(victims): len(set(children(d.proc.pid)) - v) >= 3), \
                 d.log()
         assert d.proc.poll() is None
-    stall = assert_clean(results)
+    stall = assert_clean(results, kills=kills)
     status = json.loads((d.mountpoint / ".cgprocfs-status").read_text()) \
         if d.proc.poll() is None else None
     assert status is None or status["worker_restarts"] >= 40
@@ -276,4 +298,5 @@ def test_killing_the_leader_of_a_lone_reader_hands_over(root_fuse: None,
         r = json.loads(out)
         print(f"\n{r['reads']} reads by one reader across 5 leader kills, longest stall "
               f"{r['max_stall'] * 1000:.0f} ms")
-        assert r["errors"] == {} and r["wrong"] == [] and r["reads"] > 0, r
+        assert r["wrong"] == [] and r["reads"] > 0, r
+        assert_no_errors(r["errors"], kills=5)
