@@ -144,9 +144,11 @@ class TtlCache(Generic[K, V]):
 
 class WhileCgroupExists(Generic[K, V]):
     """Values kept per container for as long as its cgroup directory exists (the last CPU
-    counters shown, the oldest process found). A key is never reused by another container,
-    so without this a busy node's daemon would keep one entry for every container it ever
-    served. Gone directories are swept once per `sweep_every` new keys, one stat(2) each,
+    counters shown, the oldest process found). Without this a busy node's daemon would
+    keep one entry for every container it ever served. (A cgroup re-created at the same
+    path may find its predecessor's entry if no sweep came between: each user checks what
+    it finds, the counters by the container's start in their key, the oldest process by
+    its start time.) Gone directories are swept once per `sweep_every` new keys, one stat(2) each,
     so a lookup stays a dict lookup; `max_entries` still bounds a node with that many live."""
 
     def __init__(self, sweep_every: int = 256, max_entries: int = 8192) -> None:
