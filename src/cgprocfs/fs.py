@@ -272,8 +272,9 @@ class ViewsFS:
         if found is None:
             raise FsError(errno.EBADF)
         start, length, inode, flags, opener = found
-        replay = self.unique != 0 and self.arena.last_reader(fh) == self.unique & 0xFFFFFFFFFFFF
-        if off == 0 and flags and not replay and inode in self.nodes \
+        if not flags:
+            self.arena.mark_read(fh, self.unique)
+        elif off == 0 and not self._replayed(fh) and inode in self.nodes \
                 and not self.nodes[inode].status and same_process(pid, opener):
             # A read from offset 0 on a handle already read is a new look, as with the
             # kernel's seq_file (top, `free -s` and `vmstat N` keep the file open): the
@@ -283,12 +284,14 @@ class ViewsFS:
             fresh = self._content(inode, pid)
             if self.arena.replace(fh, fresh, self.unique):
                 return fresh[:size]
-        elif not flags:
-            self.arena.mark_read(fh, self.unique)
         if off >= length:
             return b""
         end = min(length, off + size)
         return self.arena.mem[start + off : start + end]
+
+    def _replayed(self, fh: int) -> bool:
+        """The request in hand already read `fh` at offset 0: a successor replaying it."""
+        return self.unique != 0 and self.arena.last_reader(fh) == self.unique & 0xFFFFFFFFFFFF
 
     def release(self, inode: int, pid: int, body: memoryview) -> bytes:
         (fh,) = abi.RELEASE_IN.unpack_from(body)
@@ -345,9 +348,12 @@ class ViewsFS:
     # ---- between requests --------------------------------------------------------------
     def refresh_ahead(self) -> None:
         """Refresh the shared configuration in use before it expires (called by a parked
-        worker). Never raises: a failure only means requests reload it themselves."""
+        worker), and close the kept files nobody read for a while. Never raises: a failure
+        only means requests reload it themselves."""
+        resolver = self.renderer.resolver
         try:
-            n = self.renderer.resolver.refresh_placements()
+            resolver.files.close_idle()
+            n = resolver.refresh_placements()
         except Exception:
             now = time.monotonic()
             if now - self._refresh_logged >= 60:  # it is retried every 0.1 s: log rarely

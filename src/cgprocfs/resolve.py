@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
+from typing import NamedTuple
 
 from cgprocfs.cgroups import (
     Hierarchy,
@@ -26,6 +27,7 @@ from cgprocfs.cgroups import (
     read_small,
 )
 from cgprocfs.cpu import CpuPaths, CpuPlacement, CpuReader, CpuView
+from cgprocfs.kept import KeptFiles
 from cgprocfs.render.cpu import HostStat, parse_host_stat
 from cgprocfs.snapshot import (
     HostMemory,
@@ -40,8 +42,7 @@ from cgprocfs.snapshot import (
 from cgprocfs.ttl import RefreshableTable, Sharing, TtlCache
 
 
-@dataclass(frozen=True)
-class CpuSnapshot:
+class CpuSnapshot(NamedTuple):
     """What one open of a CPU view renders from. `view` None: serve the host's file."""
 
     view: CpuView | None
@@ -50,8 +51,7 @@ class CpuSnapshot:
     caller: str = ""
 
 
-@dataclass(frozen=True)
-class Snapshot:
+class Snapshot(NamedTuple):
     """What one open renders from. `memory` None means: serve the host's own file."""
 
     host: HostMemory
@@ -93,13 +93,15 @@ LimitsCache = TtlCache[str, tuple[int | None, int | None]]
 def memory_view_for_path(
     h: Hierarchy, path: str, container: str | Callable[[], str],
     limits: LimitsCache | None = None, with_events: bool = True,
+    files: KeptFiles | None = None,
 ) -> MemoryView | None:
     """Read the memory figures that speak for a caller in cgroup `path` of hierarchy `h`.
 
     `container` is the cgroup to report when nothing on the path is limited (or a
     function finding it: it is needed only then, so it is looked up lazily). Raises
     OSError or OddCgroupData when the cgroup's files are missing or do not parse.
-    `with_events` reads the OOM-kill counter too (only vmstat shows it).
+    `with_events` reads the OOM-kill counter too (only vmstat shows it). The figures
+    are read through `files` when given (kept open between calls).
     """
     chain: list[tuple[str, str]] = []
     for p in ancestors(path):
@@ -110,9 +112,18 @@ def memory_view_for_path(
             break
         chain.append((p, d))
     cache = limits or LimitsCache(max_age=0)
+    read = _Reads(files)
     if h.version == 2:
-        return _v2_view(h, chain, container, cache, with_events)
-    return _v1_view(h, chain, container, cache, with_events)
+        return _v2_view(h, chain, container, cache, with_events, read)
+    return _v1_view(h, chain, container, cache, with_events, read)
+
+
+class _Reads:
+    """read_small and read_optional, through kept files when there are."""
+
+    def __init__(self, files: KeptFiles | None) -> None:
+        self.small = files.read if files is not None else read_small
+        self.optional = files.read_optional if files is not None else read_optional
 
 
 def _pick(
@@ -147,20 +158,21 @@ def _v2_view(
     h: Hierarchy, chain: list[tuple[str, str]], container: str | Callable[[], str],
     cache: LimitsCache,
     with_events: bool,
+    read: _Reads,
 ) -> MemoryView | None:
     limit, best_path, swap_limit = _pick(chain, "memory.max", "memory.swap.max", cache)
     where = _view_dir(h, best_path, container)
     if where is None:
         return None
     view_path, d = where
-    usage_text = read_optional(f"{d}/memory.current")
+    usage_text = read.optional(f"{d}/memory.current")
     if usage_text is None:
         raise OddCgroupData(f"{view_path} has no memory.current (memory controller off)")
     usage = parse_count(usage_text)
-    stat = parse_flat_keyed(read_small(f"{d}/memory.stat"))
-    swap_text = read_optional(f"{d}/memory.swap.current")
+    stat = parse_flat_keyed(read.small(f"{d}/memory.stat"))
+    swap_text = read.optional(f"{d}/memory.swap.current")
     swap_usage = parse_count(swap_text) if swap_text is not None else 0
-    events_text = read_optional(f"{d}/memory.events") if with_events else None
+    events_text = read.optional(f"{d}/memory.events") if with_events else None
     events = parse_flat_keyed(events_text) if events_text is not None else {}
     return MemoryView(
         version=2, cgroup=view_path, limit=limit, usage=usage, stat=stat,
@@ -173,6 +185,7 @@ def _v1_view(
     h: Hierarchy, chain: list[tuple[str, str]], container: str | Callable[[], str],
     cache: LimitsCache,
     with_events: bool,
+    read: _Reads,
 ) -> MemoryView | None:
     limit, best_path, memsw_limit = _pick(
         chain, "memory.limit_in_bytes", "memory.memsw.limit_in_bytes", cache
@@ -181,12 +194,12 @@ def _v1_view(
     if where is None:
         return None
     view_path, d = where
-    usage = parse_count(read_small(f"{d}/memory.usage_in_bytes"))
-    stat = parse_flat_keyed(read_small(f"{d}/memory.stat"))
+    usage = parse_count(read.small(f"{d}/memory.usage_in_bytes"))
+    stat = parse_flat_keyed(read.small(f"{d}/memory.stat"))
     # memory.stat carries the swap usage when swap accounting is on; saves a read.
     swap_usage = stat.get("total_swap", stat.get("swap"))
     if swap_usage is None:
-        memsw_text = read_optional(f"{d}/memory.memsw.usage_in_bytes")
+        memsw_text = read.optional(f"{d}/memory.memsw.usage_in_bytes")
         swap_usage = max(0, parse_count(memsw_text) - usage) if memsw_text else 0
     if memsw_limit is None:
         swap_limit = None
@@ -194,7 +207,7 @@ def _v1_view(
         swap_limit = memsw_limit
     else:
         swap_limit = max(0, memsw_limit - limit)
-    oom_text = read_optional(f"{d}/memory.oom_control") if with_events else None
+    oom_text = read.optional(f"{d}/memory.oom_control") if with_events else None
     oom = parse_flat_keyed(oom_text) if oom_text is not None else {}
     return MemoryView(
         version=1, cgroup=view_path, limit=limit, usage=usage, stat=stat,
@@ -257,6 +270,8 @@ class Resolver:
         # pid namespace -> its init's pid; validated on use, so pid reuse cannot mislead.
         self._ns_init: dict[str, int] = {}
         self.limits = LimitsCache(LIMITS_MAX_AGE)
+        # The files every open reads: the caller's /proc/PID/cgroup, its cgroup's figures.
+        self.files = KeptFiles()
         self.host = TtlCache[None, HostMemory](HOST_MAX_AGE)
         self.cpuinfo = TtlCache[None, str](CPUINFO_MAX_AGE)
         self.placements = TtlCache[tuple[str, str], CpuPlacement | None](PLACEMENT_MAX_AGE)
@@ -274,7 +289,8 @@ class Resolver:
         self._meminfo_positions = [i + 1 for i, t in enumerate(tokens) if t.endswith(":")]
         self._meminfo_keys = [tokens[i - 1][:-1] for i in self._meminfo_positions]
         self.cpu = CpuReader(layout.for_controller("cpu"), layout.for_controller("cpuacct"),
-                             layout.for_controller("cpuset"), use_quota=use_quota)
+                             layout.for_controller("cpuset"), use_quota=use_quota,
+                             files=self.files)
         with open(f"{proc}/stat") as f:
             self.host_stat = parse_host_stat(f.read())
 
@@ -292,7 +308,7 @@ class Resolver:
             self.layout.for_controller("blkio") if controller == "io" else None)
         if h is None or pid <= 0:
             return None
-        caller = read_small(f"{self.proc}/{pid}/cgroup")
+        caller = self.files.read(f"{self.proc}/{pid}/cgroup")
         own = parse_proc_cgroup(caller).path_in(h) or "/"
         if own == "/":
             return None
@@ -314,8 +330,8 @@ class Resolver:
         """(the caller's /proc/PID/cgroup, where its CPU views come from; None at the root).
         Kept per (cgroup membership, pid namespace) for PLACEMENT_MAX_AGE: a container's
         CPUs, quota, cgroup and start are configuration, re-read at least that often."""
-        caller = read_small(f"{self.proc}/{pid}/cgroup")
-        ns = os.readlink(f"{self.proc}/{pid}/ns/pid")
+        caller = self.files.read(f"{self.proc}/{pid}/cgroup")
+        ns = self._pidns(pid)
         key = (caller, ns)
 
         def load() -> CpuPlacement | None:
@@ -440,7 +456,7 @@ class Resolver:
         OddCgroupData when the caller or its cgroup cannot be read."""
         if pid <= 0:
             return Snapshot(self.host_memory(), None)
-        caller = read_small(f"{self.proc}/{pid}/cgroup")
+        caller = self.files.read(f"{self.proc}/{pid}/cgroup")
         memory = self.memory_view(pid, with_events, caller)
         return Snapshot(self.host_memory(), memory, caller)
 
@@ -450,13 +466,14 @@ class Resolver:
         h = self.memory
         if h is None or pid <= 0:
             return None
-        procs = parse_proc_cgroup(caller) if caller is not None else read_proc_cgroup(
-            pid, self.proc)
+        if caller is None:
+            caller = self.files.read(f"{self.proc}/{pid}/cgroup")
+        procs = parse_proc_cgroup(caller)
         path = procs.path_in(h)
         if path is None or path == "/" or h.directory(path) is None:
             return None
         return memory_view_for_path(h, path, lambda: self.container_path(pid, h, path),
-                                    self.limits, with_events)
+                                    self.limits, with_events, self.files)
 
     def container_path(self, pid: int, h: Hierarchy, own_path: str) -> str:
         """The caller's container cgroup: its pid namespace init's cgroup, minus a
@@ -480,9 +497,23 @@ class Resolver:
             return own_path
         return path
 
+    def _pidns(self, pid: int) -> str:
+        """The pid namespace of `pid`, whose /proc/PID/cgroup was just read: noted on that
+        file's kept descriptor, since a process never changes its pid namespace and the
+        descriptor fails once the process is gone."""
+        path = f"{self.proc}/{pid}/cgroup"
+        ns = self.files.noted(path)
+        if isinstance(ns, str):
+            return ns
+        ns = os.readlink(f"{self.proc}/{pid}/ns/pid")
+        self.files.note(path, ns)
+        return ns
+
     def namespace_init(self, pid: int) -> int | None:
+        """The init of `pid`'s pid namespace (None: ours), `pid`'s /proc/PID/cgroup having
+        just been read."""
         proc = self.proc
-        ns = os.readlink(f"{proc}/{pid}/ns/pid")
+        ns = self._pidns(pid)
         if ns == self.own_pidns:
             return None
         cached = self._ns_init.get(ns)

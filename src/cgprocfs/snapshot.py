@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import NamedTuple
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -71,10 +73,10 @@ class HostMemory:
     layout: MeminfoLayout | None = None
 
 
-@dataclass(frozen=True)
-class MemoryView:
+class MemoryView(NamedTuple):
     """Memory figures of the cgroup that speaks for a caller (design.md §2).
 
+    A NamedTuple, made per open: cheaper to build than a frozen dataclass.
     Byte values throughout. `limit` is the minimum limit on the caller's path (None when
     nothing on the path is limited). `stat` holds memory.stat as the kernel wrote it
     (v1 keeps its `total_` prefixes; the renderer picks the right keys per version).
@@ -88,7 +90,7 @@ class MemoryView:
     swap_limit: int | None  # bytes of swap the cgroup may use (v1: memsw limit - mem limit)
     swap_usage: int
     oom_kill: int = 0
-    events: Mapping[str, int] = field(default_factory=dict)
+    events: Mapping[str, int] = MappingProxyType({})
 
 
 @dataclass(frozen=True)

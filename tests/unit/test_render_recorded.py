@@ -7,7 +7,6 @@ Expected values are computed here from the recorded memory.stat with the design 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -171,7 +170,7 @@ def test_parent_as_caller_sees_300_mib(fx: Path) -> None:
 
 def test_usage_above_limit_does_not_underflow(fx: Path) -> None:
     _, host, view, _ = load(fx)
-    over = replace(view, usage=view.limit + 50 * MiB if view.limit else 1 << 40)
+    over = view._replace(usage=view.limit + 50 * MiB if view.limit else 1 << 40)
     out = kb(render_meminfo(host, over, RenderOptions()))
     assert out["MemFree"] == 0
     assert 0 <= out["MemAvailable"] <= out["MemTotal"]
@@ -221,7 +220,7 @@ def test_swaps_agree_with_meminfo(fx: Path) -> None:
         {**host.meminfo_kb, "SwapTotal": 2097148, "SwapFree": 2097148},
         host.vmstat_keys, host.swaps_header, host.page_size,
     )
-    v = replace(view, swap_limit=64 * MiB, swap_usage=5 * MiB)
+    v = view._replace(swap_limit=64 * MiB, swap_usage=5 * MiB)
     mi = kb(render_meminfo(host_sw, v, RenderOptions()))
     assert (mi["SwapTotal"], mi["SwapFree"]) == (64 * 1024, 59 * 1024)
     lines = render_swaps(host_sw, v, RenderOptions()).decode().splitlines()
