@@ -118,16 +118,19 @@ class StartTimes:
         return start
 
 
-def task_states(d: str, version: int, exclude: int = 0) -> tuple[int, int, int, int]:
+def task_states(d: str, version: int, exclude: int = 0,
+                read: Callable[[str], str | None] = read_optional
+                ) -> tuple[int, int, int, int]:
     """(running, uninterruptible, threads, highest pid) over a cgroup and its descendants;
     thread `exclude` (a reader, which waits in "D" on our answer) is not counted as
     running or blocked. Raises FileNotFoundError when the cgroup is gone."""
-    if not os.path.isdir(d):
+    listing = "cgroup.threads" if version == 2 else "tasks"
+    top = read(f"{d}/{listing}")
+    if top is None:
         raise FileNotFoundError(d)
     running = blocked = threads = last_pid = 0
-    listing = "cgroup.threads" if version == 2 else "tasks"
-    for root, _dirs, _files in os.walk(d):
-        text = read_optional(os.path.join(root, listing)) or ""
+    for root in _descendants(d):
+        text = (top if root == d else read(f"{root}/{listing}")) or ""
         for tid in text.split():
             try:
                 state = proc_stat_fields(int(tid))[0]
@@ -144,14 +147,28 @@ def task_states(d: str, version: int, exclude: int = 0) -> tuple[int, int, int, 
     return running, blocked, threads, last_pid
 
 
-def _quota_at(d: str, version: int) -> float | None:
+def _descendants(d: str) -> list[str]:
+    """`d` and the directories below it. A cgroup directory holds a few dozen control
+    files and, mostly, no child: one scandir per level, kept to what is needed."""
+    out = [d]
+    for path in out:
+        try:
+            with os.scandir(path) as entries:
+                out.extend(e.path for e in entries if e.is_dir(follow_symlinks=False))
+        except OSError:
+            continue  # removed meanwhile: counted as empty
+    return out
+
+
+def _quota_at(d: str, version: int,
+              read: Callable[[str], str | None] = read_optional) -> float | None:
     if version == 2:
-        text = read_optional(f"{d}/cpu.max")
+        text = read(f"{d}/cpu.max")
         return parse_quota(text, 2) if text is not None else None
-    text = read_optional(f"{d}/cpu.cfs_quota_us")
+    text = read(f"{d}/cpu.cfs_quota_us")
     if text is None or text.strip() == "-1":  # no quota here: its period does not matter
         return None
-    return parse_quota(text, 1, read_optional(f"{d}/cpu.cfs_period_us"))
+    return parse_quota(text, 1, read(f"{d}/cpu.cfs_period_us"))
 
 
 @dataclass(frozen=True)
@@ -192,7 +209,8 @@ class CpuReader:
                  cpuset: Hierarchy | None, use_quota: bool = True,
                  files: KeptFiles | None = None) -> None:
         self.cpu, self.cpuacct, self.cpuset = cpu, cpuacct, cpuset
-        # The usage files, read at every open, kept open between reads.
+        # Usage, read at every open, and configuration, re-read every PLACEMENT_MAX_AGE:
+        # kept open between reads.
         self._read = files.read if files is not None else read_small
         self._read_optional = files.read_optional if files is not None else read_optional
         self.use_quota = use_quota
@@ -236,11 +254,14 @@ class CpuReader:
 
     def complete(self, p: CpuPlacement, with_cpus: bool, with_start: bool) -> CpuPlacement:
         """`p` with the parts asked for looked up (itself when it has them)."""
-        if with_cpus and p.cpus is None:
-            p = replace(p, cpus=self.cpus(p.paths))
-        if with_start and p.start is None:
-            p = replace(p, start=self._start(p.directory, p.version, p.ns_init, host_uptime()))
-        return p
+        cpus, start = p.cpus, p.start
+        if with_cpus and cpus is None:
+            cpus = self.cpus(p.paths)
+        if with_start and start is None:
+            start = self._start(p.directory, p.version, p.ns_init, host_uptime())
+        if cpus is p.cpus and start is p.start:
+            return p
+        return replace(p, cpus=cpus, start=start)
 
     def view(self, p: CpuPlacement, with_tasks: bool = True) -> CpuView:
         """The figures of this moment (`p` completed with its CPUs and start). Task counts
@@ -252,7 +273,7 @@ class CpuReader:
         running = blocked = threads = 0
         if with_tasks:
             running, blocked, threads, _ = self._tasks.get(
-                (d, version), lambda: task_states(d, version))
+                (d, version), lambda: task_states(d, version, read=self._read_optional))
         return CpuView(version, p.cgroup, p.cpus or (), user_us, system_us, start, now,
                        running, blocked, threads, d)
 
@@ -265,7 +286,7 @@ class CpuReader:
             d = h.directory(p)
             if d is None:
                 break
-            text = read_optional(f"{d}/{name}")
+            text = self._read_optional(f"{d}/{name}")
             if text is not None and text.strip():
                 allowed = set(parse_cpu_list(text))
                 return [c for c in online if c in allowed] or online
@@ -282,7 +303,7 @@ class CpuReader:
             d = h.directory(p)
             if d is None:
                 break
-            q = _quota_at(d, h.version)
+            q = _quota_at(d, h.version, self._read_optional)
             if q is not None and (best is None or q < best):
                 best = q
         return best

@@ -33,7 +33,9 @@ import os
 import re
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from cgprocfs.libc import futex_wait, futex_wake
 
@@ -62,6 +64,8 @@ SHARED_PROBES = 8
 # interval) still finds it fresh; an entry nobody uses is left to expire.
 SHARED_KEEP = 4
 _IN_USE = re.compile(b"[^\x00]")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
 # Where a shared value was read or written, and its bytes: (entry index, digest, blob).
 SharedToken = tuple[int, bytes, bytes]
 # Version 2 has no back-references, so equal values always give equal bytes, whichever
@@ -278,7 +282,11 @@ class Arena:
         return int(struct.unpack_from("<I", self.mem, self.seat_off(seat) + SEAT_HEAD)[0])
 
     def clear_seat(self, seat: int) -> None:
-        struct.pack_into("<I", self.mem, self.seat_off(seat) + SEAT_HEAD, 0)
+        _U32.pack_into(self.mem, self.seat_off(seat) + SEAT_HEAD, 0)
+
+    def seat_clearer(self, seat: int) -> Callable[[], None]:
+        """clear_seat(seat) bound once: it runs after every request."""
+        return partial(_U32.pack_into, self.mem, self.seat_off(seat) + SEAT_HEAD, 0)
 
     def attempts(self, seat: int) -> int:
         """How many workers crashed holding the request in this seat."""
@@ -300,6 +308,11 @@ class Arena:
     def store_counters(self, seat: int, opens: int, errors: int, fallbacks: int) -> None:
         COUNTERS.pack_into(self.mem, self.layout.counters_off + seat * COUNTERS_SIZE,
                            opens, errors, fallbacks)
+
+    def counters_writer(self, seat: int) -> Callable[[int, int, int], None]:
+        """store_counters(seat, ...) bound once: it runs after every open."""
+        return partial(COUNTERS.pack_into, self.mem,
+                       self.layout.counters_off + seat * COUNTERS_SIZE)
 
     def refreshes(self, seat: int) -> int:
         off = self.layout.counters_off + seat * COUNTERS_SIZE + COUNTERS.size
@@ -375,7 +388,7 @@ class Arena:
     def mark_read(self, fh: int, unique: int = 0) -> None:
         """The handle was read at offset 0, by request `unique`."""
         off = self.slots_off + (fh & 0xFFFFFFFF) * SLOT_SIZE
-        struct.pack_into("<I", self.mem, off + 20, READ_ONCE)
+        _U32.pack_into(self.mem, off + 20, READ_ONCE)
         self._set_reader(off, unique)
 
     def last_reader(self, fh: int) -> int:
@@ -395,7 +408,10 @@ class Arena:
         return True
 
     def free_slot(self, slot: int) -> None:
-        (k,) = struct.unpack_from("<H", self.mem, self.slots_off + slot * SLOT_SIZE + 24)
+        (k,) = _U16.unpack_from(self.mem, self.slots_off + slot * SLOT_SIZE + 24)
+        if k == 1:
+            self.mem[self.states_off + slot] = FREE
+            return
         k = max(1, min(k, self.slots - slot))
         self.mem[self.states_off + slot : self.states_off + slot + k] = b"\0" * k
 

@@ -170,8 +170,8 @@ class Worker:
         self.fs = fs
         self.buf = arena.request_buffer(seat)
         # Bound once: these run for every request.
-        self._clear_seat = functools.partial(arena.clear_seat, seat)
-        self._store_counters = functools.partial(arena.store_counters, seat)
+        self._clear_seat = arena.seat_clearer(seat)
+        self._store_counters = arena.counters_writer(seat)
         self._ops = fs.ops
         self.stopping = False
         self.in_read = False
@@ -262,8 +262,9 @@ class Worker:
                 if parking and lead == seat and arena.any_parked():
                     # Requests queued behind this one, at several reads in a row: the
                     # load outgrew one worker (a single one now and then is a burst the
-                    # leader clears itself, cheaper than a wake-up).
-                    backlog = backlog + 1 if poller.poll(0) else 0
+                    # leader clears itself, cheaper than a wake-up). A read that waited
+                    # found the queue empty: no need to ask.
+                    backlog = backlog + 1 if queued and poller.poll(0) else 0
                     if backlog >= BACKLOG_TO_WAKE:
                         arena.wake_one()
                         backlog = 0
