@@ -314,6 +314,15 @@ class CpuReader:
             return stat.get("user_usec", 0), stat.get("system_usec", 0)
         text = self._read_optional(f"{d}/cpuacct.usage_all")
         if text is not None:
+            tokens = text.split()
+            if len(tokens) % 3 == 0 and tokens[:3] == ["cpu", "user", "system"]:
+                # A header and one "N user system" line per CPU (a line per CPU of the
+                # host: summed in two passes, not line by line).
+                try:
+                    return (sum(map(int, tokens[4::3])) // 1000,
+                            sum(map(int, tokens[5::3])) // 1000)
+                except ValueError:
+                    pass
             user = system = 0
             for line in text.splitlines()[1:]:
                 parts = line.split()

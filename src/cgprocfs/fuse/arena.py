@@ -182,6 +182,7 @@ class Arena:
         self.states_off = self.layout.states_off
         self.slots_off = self.layout.slots_off
         self.seats_off = self.layout.seats_off
+        self.times_off = self.layout.times_off
 
     @classmethod
     def create(cls, seats: int, slots_per_seat: int) -> Arena:
@@ -422,7 +423,7 @@ class Arena:
         Two workers racing on one entry can lose an update (the worker's own memory still
         applies); an entry torn by such a race fails its check and is ignored, so one
         container's counters never leak into another's."""
-        base = self.layout.times_off
+        base = self.times_off
         size = TIMES_ENTRY.size
         first_free = -1
         for probe in range(TIMES_PROBES):
