@@ -217,6 +217,17 @@ def sample_row(t: Target, t0: float, counters: object, nreaders: int, cs: Contai
     return row
 
 
+def _fd_spread(fds: list[int]) -> dict[str, float]:
+    """Open fds after the mark: their range, and whether they trend (the mean of the last
+    quarter of the samples minus that of the first): a bounded set that follows the
+    containers in use moves up and down, growth shows as a trend."""
+    if not fds:
+        return {}
+    q = max(1, len(fds) // 4)
+    return {"fds_after_mark_min": min(fds), "fds_after_mark_max": max(fds),
+            "fds_trend": sum(fds[-q:]) / q - sum(fds[:q]) / q}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     require_root("soak")
@@ -389,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
                        fds_start=first["fds"] if first else None, fds_at_mark=at_mark["fds"],
                        fds_end=last["fds"], fds_max=max(r["fds"] for r in rows),
                        fds_growth=last["fds"] - at_mark["fds"],
+                       **_fd_spread([r["fds"] for r in rows if r["opens"] >= at_mark["opens"]]),
                        daemon_procs_end=last["daemon_procs"],
                        daemon_cpu_s=last["cpu_s"] - (first["cpu_s"] if first else 0),
                        mean_opens_per_s=round(last["opens"] / last["t_s"], 1) if last["t_s"] else 0)
@@ -429,6 +441,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{g('uss_kib_end', ',')} KiB: {g('uss_growth_mib', '+.2f')} MiB |",
         f"| daemon open fds: start / at mark / end / max | {g('fds_start')} / {g('fds_at_mark')} "
         f"/ {g('fds_end')} / {g('fds_max')} (growth from mark: **{g('fds_growth', '+d')}**) |",
+        f"| daemon open fds after the mark: min / max; mean of the last quarter minus the first "
+        f"(workers keep up to 2,048 files each open, closed after 5 s unused) | "
+        f"{g('fds_after_mark_min')} / {g('fds_after_mark_max')}; "
+        f"**{g('fds_trend', '+.0f')}** |",
         f"| daemon processes at the end | {g('daemon_procs_end')} |",
         f"| daemon CPU seconds | {g('daemon_cpu_s', '.1f')} |",
         f"| daemon log error lines | {len(log_errors)} |",

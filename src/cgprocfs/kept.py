@@ -30,7 +30,8 @@ import time
 from collections import OrderedDict
 
 # Long enough for a poller coming back every few seconds (top: 3 s) to find its files.
-IDLE_S = 10.0
+# A worker waiting for requests is woken this often to close them (worker.py).
+IDLE_S = 5.0
 # How often reads look for idle descriptors to close.
 SWEEP_EVERY_S = 1.0
 MAX_FILES = 2048

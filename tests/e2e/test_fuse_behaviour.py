@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -261,3 +262,31 @@ def test_reread_never_shows_another_cgroups_numbers(daemon: Daemon) -> None:
                 assert meminfo_kb(data.decode())["MemTotal"] == 111 * 1024
         finally:
             os.close(fd)
+
+
+def _worker_fds(daemon: Daemon) -> int:
+    import psutil
+
+    workers = [p for p in psutil.Process(daemon.proc.pid).children()
+               if "cgprocfs.fuse.worker" in " ".join(p.cmdline())]
+    assert len(workers) == 1, workers
+    return int(workers[0].num_fds())
+
+
+def test_kept_files_are_closed_once_nobody_reads_them(root_fuse: None) -> None:
+    """A worker keeps the files it reads for every open, and closes them when the reads
+    stop, even while it waits for a request that does not come."""
+    from cgprocfs.kept import IDLE_S
+
+    env = {**os.environ, "CGPROCFS_WORKERS": "1"}
+    with running_daemon(env=env) as d, make_cgroup(256 * MiB) as cg:
+        before = _worker_fds(d)
+        views = " ".join(str(d.view(f"proc/{n}")) for n in ("meminfo", "stat", "uptime"))
+        subprocess.run(["sh", "-c", f'echo $$ > {cg.dir}/cgroup.procs; cat {views} >/dev/null'],
+                       check=True, timeout=30)
+        during = _worker_fds(d)
+        assert during > before  # the caller's /proc/PID/cgroup and its cgroup's files
+        deadline = time.monotonic() + 2 * IDLE_S + 5
+        while time.monotonic() < deadline and _worker_fds(d) > before:
+            time.sleep(0.5)
+        assert _worker_fds(d) == before, (before, during, _worker_fds(d))

@@ -42,7 +42,7 @@ from cgprocfs.fuse.child import (
     signal_ready,
 )
 from cgprocfs.fuse.loads import SharedLoads
-from cgprocfs.kept import raise_fd_limit
+from cgprocfs.kept import IDLE_S, raise_fd_limit
 from cgprocfs.libc import SYS_FUTEX
 from cgprocfs.render.cpu import CpuTimes
 from cgprocfs.resolve import Resolver
@@ -125,6 +125,11 @@ class _Stop(BaseException):
     """Raised by SIGTERM only while blocked in read(): nothing is in hand then."""
 
 
+class _Sweep(BaseException):
+    """Raised by the idle timer while the worker waits for a request: time to close the
+    kept files nobody read for a while, which a worker with no request would keep."""
+
+
 def config_to_json(cfg: Config) -> str:
     d = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
     return json.dumps(d)
@@ -175,6 +180,7 @@ class Worker:
         self._ops = fs.ops
         self.stopping = False
         self.in_read = False
+        self.in_fuse_read = False
         self.debug = bool(os.environ.get(ENV_DEBUG_FUSE))
 
     @classmethod
@@ -187,6 +193,17 @@ class Worker:
         renderer = build_renderer(cfg, loads_fd, arena)
         fs = ViewsFS(renderer, select_views(cfg), arena, seat)
         return cls(int(env[ENV_FUSE_FD]), arena, seat, fs)
+
+    def _on_idle_timer(self, signum: int, frame: FrameType | None) -> None:
+        if self.in_fuse_read:
+            raise _Sweep
+
+    def _sweep(self) -> None:
+        """Close idle kept files; answer a request that came in just as the timer went
+        off (the read returned, then the signal was handled)."""
+        self.fs.renderer.resolver.files.close_idle()
+        if self.arena.pending_length(self.seat):
+            self.handle()
 
     def _on_term(self, signum: int, frame: FrameType | None) -> None:
         self.stopping = True
@@ -206,6 +223,8 @@ class Worker:
     def serve(self) -> None:
         self._fault_in_seat()
         signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGALRM, self._on_idle_timer)
+        signal.setitimer(signal.ITIMER_REAL, IDLE_S, IDLE_S)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
         self._answer_leftover()
         fd, buf = self.fd, [self.buf]
@@ -243,16 +262,20 @@ class Worker:
                     arena.stop_spinning(seat)
                     score = SPIN_SCORE_MAX if caught else max(0, score - SPIN_MISS_COST)
                 try:
-                    self.in_read = True
+                    self.in_read = self.in_fuse_read = True
                     began = pc()
                     os.readv(fd, buf)
+                    self.in_read = self.in_fuse_read = False
                     queued = not spun and pc() - began < QUEUED_S
-                    self.in_read = False
                 except _Stop:
-                    self.in_read = False
+                    self.in_read = self.in_fuse_read = False
                     break
+                except _Sweep:
+                    self.in_read = self.in_fuse_read = False
+                    self._sweep()
+                    continue
                 except OSError as exc:
-                    self.in_read = False
+                    self.in_read = self.in_fuse_read = False
                     if exc.errno in (errno.ENOENT, errno.EINTR, errno.EAGAIN):
                         continue  # the request was interrupted before we got it
                     if exc.errno == errno.ENODEV:
@@ -297,7 +320,9 @@ class Worker:
                 if arena.wake_seq() != seq:
                     return True
                 if arena.first_parked() == seat:  # one refresher is enough
-                    self.fs.refresh_ahead()
+                    self.fs.refresh_ahead()  # closes idle kept files too
+                else:
+                    self.fs.renderer.resolver.files.close_idle()
                     if arena.wake_seq() != seq:  # woken while refreshing
                         return True
             return False
