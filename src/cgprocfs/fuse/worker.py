@@ -321,10 +321,10 @@ class Worker:
                     return True
                 if arena.first_parked() == seat:  # one refresher is enough
                     self.fs.refresh_ahead()  # closes idle kept files too
-                else:
-                    self.fs.renderer.resolver.files.close_idle()
                     if arena.wake_seq() != seq:  # woken while refreshing
                         return True
+                else:
+                    self.fs.renderer.resolver.files.close_idle()
             return False
         except _Stop:
             return False
