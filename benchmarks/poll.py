@@ -8,7 +8,10 @@ For each target in turn (LXCFS, cgprocfs), one poller process is placed in each 
 container-like cgroups; every --interval seconds (each at its own random phase) it opens,
 reads to EOF and closes --files (default stat, meminfo, uptime, loadavg: what top reads
 per refresh), checking every response. After a warm-up, the daemon's process-tree CPU time
-is measured over --duration seconds: CPU % of one core. Prints figures only.
+is measured over --duration seconds: CPU % of one core. With --rounds N each target is
+measured N times, the order of targets reversed every other round (so that a drift of the
+machine's speed during the run favours neither), and the median is reported. Prints
+figures only.
 """
 
 from __future__ import annotations
@@ -251,13 +254,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="open: open/read/close each time (busybox, procps 3); reread: keep "
                     "the files open and pread from offset 0 (procps-ng 4 top)")
     ap.add_argument("--targets", default="lxcfs,cgprocfs")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every target this many times (order alternating); the "
+                    "median is reported")
     add_run_args(ap, "poll")
     a = ap.parse_args(argv)
     a.files = [f.strip() for f in a.files.split(",") if f.strip()]
     a.targets = [t.strip() for t in a.targets.split(",") if t.strip()]
     if "kernel" in a.targets:
         ap.error("the kernel has no daemon to measure")
+    if a.rounds < 1:
+        ap.error("--rounds must be at least 1")
     return a
+
+
+def round_order(targets: list[str], rounds: int) -> list[tuple[int, str]]:
+    """(round, target) in measuring order: every other round in reverse."""
+    return [(rnd, name) for rnd in range(rounds)
+            for name in (targets if rnd % 2 == 0 else targets[::-1])]
+
+
+def median_rows(results: list[dict]) -> list[dict]:
+    """One row per target: the round with the median CPU (the lower middle one for an
+    even count), with every round's CPU alongside."""
+    rows = []
+    for name in dict.fromkeys(r["target"] for r in results):
+        mine = [r for r in results if r["target"] == name]
+        ranked = sorted(mine, key=lambda r: r["daemon_cpu_pct_of_one_core"] or 0.0)
+        row = dict(ranked[(len(ranked) - 1) // 2])
+        row["rounds_cpu_pct"] = [r["daemon_cpu_pct_of_one_core"] for r in mine]
+        row["reads"] = sum(r["reads"] for r in mine)
+        row["errors"] = sum(r["errors"] for r in mine)
+        row["bad_responses"] = sum(r["bad_responses"] for r in mine)
+        row["problems"] = [p for r in mine for p in r["problems"]]
+        row["log_errors"] = mine[-1]["log_errors"]  # the log is appended to each round
+        rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,9 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     require_root("poll")
     out = results_dir(args.out, "poll")
     install_stop_handlers()
+    minutes = args.rounds * len(args.targets) * (args.duration + args.warmup + 10) / 60
     log(f"{args.cgroups} pollers x {args.files} every {args.interval:g} s, "
-        f"{args.duration:g} s measured per target, targets {args.targets}: about "
-        f"{len(args.targets) * (args.duration + args.warmup + 10) / 60:.1f} min", "poll")
+        f"{args.duration:g} s measured per target, targets {args.targets}, {args.rounds} "
+        f"round(s): about {minutes:.1f} min", "poll")
     host_kb = host_memtotal_kb()
     cs = ContainerSet("poll", base_mib=args.base_mib, cpus=args.cpus or None,
                       resident=True)
@@ -279,9 +312,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cs.setup()
         cts = cs.create_many(args.cgroups)
-        for name in args.targets:  # one daemon at a time: each measured alone
+        unavailable: set[str] = set()
+        # One daemon at a time: each measured alone, started afresh every round.
+        for rnd, name in round_order(args.targets, args.rounds):
+            if name in unavailable:
+                continue
             ts = start_targets([name], workdir, out, skipped, args)
             if not ts:
+                unavailable.add(name)
                 continue
             t = ts[0]
             targets.append(t)
@@ -289,14 +327,16 @@ def main(argv: list[str] | None = None) -> int:
                 missing = [f for f in args.files if not t.serves(f)]
                 if missing:
                     skipped.append(f"{name} does not serve {missing}: skipped")
+                    unavailable.add(name)
                     continue
                 r = run_target(t, cts, args, host_kb)
                 r["files"] = ",".join(args.files)
+                r["round"] = rnd + 1
                 r["log_errors"] = t.log_errors()
                 results.append(r)
-                log(f"{name}: {r['daemon_cpu_pct_of_one_core'] or 0:.1f} % of one core, "
-                    f"{r['reads']:,} reads, {r['errors']} errors, {r['bad_responses']} bad",
-                    "poll")
+                log(f"{name} (round {rnd + 1}): {r['daemon_cpu_pct_of_one_core'] or 0:.1f} % "
+                    f"of one core, {r['reads']:,} reads, {r['errors']} errors, "
+                    f"{r['bad_responses']} bad", "poll")
             finally:
                 t.stop()
     except Stop as e:
@@ -305,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop_everything(targets, cs, workdir)
 
+    runs, results = results, median_rows(results)
     md = [
         "# top-like polling cost",
         "",
@@ -313,14 +354,19 @@ def main(argv: list[str] | None = None) -> int:
         f"daemon process-tree CPU over {args.duration:g} s after {args.warmup:g} s warm-up. "
         "Every response is checked (MemTotal = the poller's limit, CPU count = its quota).",
         "",
-        "| target | daemon CPU, % of one core | CPU ms per read | reads/s | p50 µs | p99 µs "
-        "| reads | errors | wrong responses |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"{args.rounds} round(s), the order of targets reversed every other round; each row "
+        "is the round with the median CPU, with reads, errors and wrong responses summed "
+        "over all rounds.",
+        "",
+        "| target | daemon CPU, % of one core | every round | CPU ms per read | reads/s "
+        "| p50 µs | p99 µs | reads | errors | wrong responses |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    fmt = (lambda v, f: "—" if v is None else format(v, f))  # noqa: E731
     for r in results:
-        fmt = (lambda v, f: "—" if v is None else format(v, f))  # noqa: E731
         md.append(
             f"| {r['target']} | {fmt(r['daemon_cpu_pct_of_one_core'], '.1f')} "
+            f"| {' / '.join(fmt(v, '.1f') for v in r['rounds_cpu_pct'])} "
             f"| {fmt(r['cpu_ms_per_read'], '.3f')} | {fmt(r['reads_per_s'], ',.0f')} "
             f"| {fmt(r['p50_us'], '.0f')} | {fmt(r['p99_us'], '.0f')} | {r['reads']:,} "
             f"| {r['errors']} | {r['bad_responses']} |"
@@ -350,15 +396,16 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:
             loud(f"chart failed: {e}")
     with open(out / "poll.csv", "w") as f:
-        f.write("target,t_s,daemon_cpu_pct\n")
-        for r in results:
+        f.write("target,round,t_s,daemon_cpu_pct\n")
+        for r in runs:
             for ts, v in r["series"]:
-                f.write(f"{r['target']},{ts:.2f},{v:.2f}\n")
+                f.write(f"{r['target']},{r['round']},{ts:.2f},{v:.2f}\n")
     meta = run_meta() | {"args": {k: str(v) for k, v in vars(args).items()},
                          "cgroups_layout": cs.describe(), "skipped": skipped,
                          "interrupted": status != 0}
     (out / "poll.md").write_text("\n".join(md))
-    (out / "poll.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    (out / "poll.json").write_text(json.dumps({"meta": meta, "results": results,
+                                               "runs": runs}, indent=2))
     print("\n".join(md))
     print(f"results: {out}")
     return status

@@ -86,15 +86,24 @@ def test_bench_quick(lxcfs: str, tmp_path: Path) -> None:
 def test_poll(lxcfs: str, tmp_path: Path) -> None:
     out = tmp_path / "poll"
     run([sys.executable, str(BENCH / "poll.py")], out, "--cgroups", "4", "--duration", "2",
-        "--warmup", "0.5", "--lxcfs-bin", lxcfs, *CGPROCFS)
-    results = json.loads((out / "poll.json").read_text())["results"]
+        "--warmup", "0.5", "--rounds", "2", "--lxcfs-bin", lxcfs, *CGPROCFS)
+    doc = json.loads((out / "poll.json").read_text())
+    # Every other round in reverse order; one summary row per target.
+    assert [(r["target"], r["round"]) for r in doc["runs"]] == [
+        ("lxcfs", 1), ("cgprocfs", 1), ("cgprocfs", 2), ("lxcfs", 2)]
+    results = doc["results"]
     assert [r["target"] for r in results] == ["lxcfs", "cgprocfs"]
-    for r in results:
+    for r in doc["runs"]:
         assert r["pollers_reported"] == 4
         assert r["reads"] > 0 and r["measured_reads"] > 0
         assert r["errors"] == 0 and r["bad_responses"] == 0, r["problems"]
         assert r["daemon_cpu_pct_of_one_core"] is not None
         assert not r["log_errors"]
+    for r in results:
+        runs = [x for x in doc["runs"] if x["target"] == r["target"]]
+        assert r["rounds_cpu_pct"] == [x["daemon_cpu_pct_of_one_core"] for x in runs]
+        assert r["daemon_cpu_pct_of_one_core"] == min(r["rounds_cpu_pct"])  # lower middle
+        assert r["reads"] == sum(x["reads"] for x in runs)
     assert "| cgprocfs |" in (out / "poll.md").read_text()
     assert (out / "poll.png").read_bytes()[:4] == b"\x89PNG"
 
