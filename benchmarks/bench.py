@@ -618,7 +618,9 @@ def main(argv: list[str] | None = None) -> int:
                 cts = all_cts[:ncg]
                 for fname in args.files:
                     for n in args.readers:
-                        for t in targets:
+                        # Every other round in reverse: a drift of the machine's speed
+                        # during a cell's targets then favours none of them.
+                        for t in (targets if rnd % 2 == 0 else targets[::-1]):
                             if not t.serves(fname):
                                 continue
                             if not t.alive():
