@@ -76,7 +76,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "readers": "1,8,32",
         "cgroups": "50",
         "duration": 4.0,
-        "rounds": 2,
+        "rounds": 4,
     },
 }
 # What issue #5 asks of cgprocfs/LXCFS (printed next to the ratios; never asserted).

@@ -8,11 +8,12 @@
     log_level = "info"
     limits_max_age = 1.0       # seconds a cgroup's limits may be served from memory
     host_max_age = 0.05        # seconds the host's meminfo may be old when used as a cap
+    kept_files = 2048          # files each worker keeps open to re-read (0: none)
     sysinfo_socket = "/run/cgprocfs/seccomp.sock"  # where the sysinfo agent takes listeners
 
 Environment: CGPROCFS_CONFIG (the file), CGPROCFS_MOUNTPOINT, CGPROCFS_VIEWS (comma list or
 "all"), CGPROCFS_HIDE_SWAP, CGPROCFS_CPU_QUOTA (1/0, true/false), CGPROCFS_LOG_LEVEL,
-CGPROCFS_LIMITS_MAX_AGE, CGPROCFS_HOST_MAX_AGE, CGPROCFS_SYSINFO_SOCKET.
+CGPROCFS_LIMITS_MAX_AGE, CGPROCFS_HOST_MAX_AGE, CGPROCFS_KEPT_FILES, CGPROCFS_SYSINFO_SOCKET.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from typing import Any
 
 DEFAULT_CONFIG_PATH = "/etc/cgprocfs/config.toml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# kept_files is per worker; beyond this a worker would need more descriptors than its raised
+# limit (kept.raise_fd_limit) leaves room for.
+MAX_KEPT_FILES = 16384
 
 
 class ConfigError(ValueError):
@@ -40,6 +44,7 @@ class Config:
     log_level: str = "info"
     limits_max_age: float = 1.0
     host_max_age: float = 0.05
+    kept_files: int = 2048
     sysinfo_socket: str = "/run/cgprocfs/seccomp.sock"
 
     def check(self, known_views: tuple[str, ...]) -> None:
@@ -55,6 +60,9 @@ class Config:
             value = getattr(self, name)
             if not 0 <= value <= 60:
                 raise ConfigError(f"{name} must be between 0 and 60 seconds, not {value}")
+        if not 0 <= self.kept_files <= MAX_KEPT_FILES:
+            raise ConfigError(f"kept_files must be between 0 and {MAX_KEPT_FILES}, "
+                              f"not {self.kept_files}")
         if self.views is not None:
             unknown = [v for v in self.views if v not in known_views]
             if unknown:
@@ -82,6 +90,15 @@ def _float(name: str, value: Any) -> float:
         raise ConfigError(f"{name} must be a number of seconds, not {value!r}") from exc
 
 
+def _int(name: str, value: Any) -> int:
+    if isinstance(value, bool | float):
+        raise ConfigError(f"{name} must be a whole number, not {value!r}")
+    try:
+        return int(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name} must be a whole number, not {value!r}") from exc
+
+
 def _views(value: Any) -> tuple[str, ...] | None:
     if value == "all":
         return None
@@ -103,6 +120,8 @@ def _coerce(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
             out[key] = _bool(key, value)
         elif key in ("limits_max_age", "host_max_age"):
             out[key] = _float(key, value)
+        elif key == "kept_files":
+            out[key] = _int(key, value)
         elif key == "views":
             out[key] = _views(value)
         elif not isinstance(value, str):

@@ -49,13 +49,13 @@ def raise_fd_limit(want: int = 65536) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-def default_max_files() -> int:
-    """MAX_FILES, or fewer when the descriptor limit is low: a quarter of it, so that
-    kept files never starve the process of descriptors."""
+def default_max_files(want: int = MAX_FILES) -> int:
+    """`want` (the kept_files setting), or fewer when the descriptor limit is low: a
+    quarter of it, so that kept files never starve the process of descriptors."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
-        return MAX_FILES
-    return max(0, min(MAX_FILES, soft // 4))
+        return max(0, want)
+    return max(0, min(want, soft // 4))
 
 
 class _Kept:

@@ -290,3 +290,19 @@ def test_kept_files_are_closed_once_nobody_reads_them(root_fuse: None) -> None:
         while time.monotonic() < deadline and _worker_fds(d) > before:
             time.sleep(0.5)
         assert _worker_fds(d) == before, (before, during, _worker_fds(d))
+
+
+def test_kept_files_setting_zero_keeps_none_and_serves_the_same(root_fuse: None) -> None:
+    """kept_files = 0: every file is opened by path again; nothing stays open, and each
+    view still shows its caller's container."""
+    env = {**os.environ, "CGPROCFS_WORKERS": "1", "CGPROCFS_KEPT_FILES": "0"}
+    with running_daemon(env=env) as d, make_cgroup(123 * MiB) as cg:
+        before = _worker_fds(d)
+        cats = "; echo @; ".join(f"cat {d.view(f'proc/{n}')}" for n in ("meminfo", "stat"))
+        out = subprocess.run(
+            ["sh", "-c", f"echo $$ > {cg.dir}/cgroup.procs; {cats}"],
+            check=True, timeout=30, capture_output=True, text=True).stdout
+        meminfo, stat = out.split("@\n")
+        assert meminfo_kb(meminfo)["MemTotal"] == 123 * 1024
+        assert stat.startswith("cpu ")
+        assert _worker_fds(d) == before

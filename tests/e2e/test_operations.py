@@ -33,11 +33,12 @@ def cgprocfs(*args: str, env: dict[str, str] | None = None,
 def test_check_config_layers_file_env_and_flags(tmp_path: Path) -> None:
     conf = tmp_path / "config.toml"
     conf.write_text('mountpoint = "/srv/views"\nhide_swap = true\nviews = ["proc/meminfo"]\n'
-                    "limits_max_age = 0.5\n")
+                    "limits_max_age = 0.5\nkept_files = 256\n")
     res = cgprocfs("--config", str(conf), "check-config")
     assert res.returncode == 0, res.stderr
     assert 'mountpoint = "/srv/views"' in res.stdout
     assert "hide_swap = true" in res.stdout and 'views = ["proc/meminfo"]' in res.stdout
+    assert "kept_files = 256" in res.stdout
     # The environment beats the file; flags beat both.
     res = cgprocfs("--config", str(conf), "check-config",
                    env={"CGPROCFS_HIDE_SWAP": "false", "CGPROCFS_LOG_LEVEL": "debug"})
@@ -55,6 +56,8 @@ def test_check_config_layers_file_env_and_flags(tmp_path: Path) -> None:
     ('views = ["proc/nope"]\n', "unknown views"),
     ('mountpoint = "relative"\n', "absolute path"),
     ("limits_max_age = -1\n", "between 0 and 60"),
+    ("kept_files = -1\n", "kept_files must be between 0 and 16384"),
+    ("kept_files = 1.5\n", "kept_files must be a whole number"),
     ("colour = 1\n", "unknown setting 'colour'"),
     ("hide_swap = \n", "not valid TOML"),
 ])

@@ -4,6 +4,7 @@ process or a removed cgroup had."""
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 from support import memory_hierarchy
 
-from cgprocfs.kept import IDLE_S, KeptFiles
+from cgprocfs.kept import IDLE_S, KeptFiles, default_max_files
 
 
 def open_fds() -> int:
@@ -88,3 +89,14 @@ def test_no_descriptor_is_kept_when_none_may_be(tmp_path: Path) -> None:
     files = KeptFiles(max_files=0)
     assert files.read(str(tmp_path / "f")) == "x"
     assert len(files) == 0 and open_fds() == base
+
+
+def test_the_setting_is_capped_by_a_quarter_of_the_descriptor_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+        assert default_max_files(100) == 100
+        assert default_max_files(2048) == 256
+        assert default_max_files(0) == 0
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
