@@ -442,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         f"| daemon open fds: start / at mark / end / max | {g('fds_start')} / {g('fds_at_mark')} "
         f"/ {g('fds_end')} / {g('fds_max')} (growth from mark: **{g('fds_growth', '+d')}**) |",
         f"| daemon open fds after the mark: min / max; mean of the last quarter minus the first "
-        f"(workers keep up to 2,048 files each open, closed after 5 s unused) | "
+        f"(each worker keeps up to `kept_files` files open, 2,048 by default, closed after "
+        f"5 s unused) | "
         f"{g('fds_after_mark_min')} / {g('fds_after_mark_max')}; "
         f"**{g('fds_trend', '+.0f')}** |",
         f"| daemon processes at the end | {g('daemon_procs_end')} |",
