@@ -39,6 +39,7 @@ from benchlib import (
     add_run_args,
     check_content,
     host_memtotal_kb,
+    in_round_order,
     install_stop_handlers,
     join,
     log,
@@ -618,9 +619,7 @@ def main(argv: list[str] | None = None) -> int:
                 cts = all_cts[:ncg]
                 for fname in args.files:
                     for n in args.readers:
-                        # Every other round in reverse: a drift of the machine's speed
-                        # during a cell's targets then favours none of them.
-                        for t in (targets if rnd % 2 == 0 else targets[::-1]):
+                        for t in in_round_order(targets, rnd):
                             if not t.serves(fname):
                                 continue
                             if not t.alive():

@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -33,6 +33,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MiB = 1 << 20
 READ_BUF = 64 * 1024
+T = TypeVar("T")
 
 
 def log(msg: str, tag: str = "bench") -> None:
@@ -593,6 +594,13 @@ def make_target(name: str, workdir: Path, lxcfs_bin: str | None = None,
         return Target("cgprocfs", version=version, cmd=[PYTHON, "-m", "cgprocfs", "serve"],
                       env=env)
     raise SystemExit(f"unknown target {name!r} (known: {', '.join(ALL_TARGETS)})")
+
+
+def in_round_order(targets: list[T], rnd: int) -> list[T]:
+    """`targets` in the order round `rnd` (from 0) measures them: every other round in
+    reverse, so that a drift of the machine's speed during a run, or what the target
+    measured first leaves behind, favours none of them."""
+    return targets if rnd % 2 == 0 else targets[::-1]
 
 
 def add_run_args(ap: argparse.ArgumentParser, kind: str) -> None:

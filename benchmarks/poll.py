@@ -41,6 +41,7 @@ from benchlib import (
     add_run_args,
     check_content,
     host_memtotal_kb,
+    in_round_order,
     install_stop_handlers,
     join,
     log,
@@ -268,12 +269,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
-def round_order(targets: list[str], rounds: int) -> list[tuple[int, str]]:
-    """(round, target) in measuring order: every other round in reverse."""
-    return [(rnd, name) for rnd in range(rounds)
-            for name in (targets if rnd % 2 == 0 else targets[::-1])]
-
-
 def median_rows(results: list[dict]) -> list[dict]:
     """One row per target: the round with the median CPU (the lower middle one for an
     even count), with every round's CPU alongside."""
@@ -314,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         cts = cs.create_many(args.cgroups)
         unavailable: set[str] = set()
         # One daemon at a time: each measured alone, started afresh every round.
-        for rnd, name in round_order(args.targets, args.rounds):
+        order = [(rnd, name) for rnd in range(args.rounds)
+                 for name in in_round_order(args.targets, rnd)]
+        for rnd, name in order:
             if name in unavailable:
                 continue
             ts = start_targets([name], workdir, out, skipped, args)

@@ -24,11 +24,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from cgprocfs.kept import MAX_FILES, MAX_FILES_SETTING
+
 DEFAULT_CONFIG_PATH = "/etc/cgprocfs/config.toml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-# kept_files is per worker; beyond this a worker would need more descriptors than its raised
-# limit (kept.raise_fd_limit) leaves room for.
-MAX_KEPT_FILES = 16384
 
 
 class ConfigError(ValueError):
@@ -44,7 +43,7 @@ class Config:
     log_level: str = "info"
     limits_max_age: float = 1.0
     host_max_age: float = 0.05
-    kept_files: int = 2048
+    kept_files: int = MAX_FILES
     sysinfo_socket: str = "/run/cgprocfs/seccomp.sock"
 
     def check(self, known_views: tuple[str, ...]) -> None:
@@ -60,8 +59,8 @@ class Config:
             value = getattr(self, name)
             if not 0 <= value <= 60:
                 raise ConfigError(f"{name} must be between 0 and 60 seconds, not {value}")
-        if not 0 <= self.kept_files <= MAX_KEPT_FILES:
-            raise ConfigError(f"kept_files must be between 0 and {MAX_KEPT_FILES}, "
+        if not 0 <= self.kept_files <= MAX_FILES_SETTING:
+            raise ConfigError(f"kept_files must be between 0 and {MAX_FILES_SETTING}, "
                               f"not {self.kept_files}")
         if self.views is not None:
             unknown = [v for v in self.views if v not in known_views]

@@ -34,11 +34,15 @@ from collections import OrderedDict
 IDLE_S = 5.0
 # How often reads look for idle descriptors to close.
 SWEEP_EVERY_S = 1.0
-MAX_FILES = 2048
+MAX_FILES = 2048  # per worker, unless the kept_files setting says otherwise
 CHUNK = 65536
+# The soft descriptor limit a worker asks for, and so the largest kept_files that fits in
+# the quarter of it that kept files may take.
+FD_LIMIT = 65536
+MAX_FILES_SETTING = FD_LIMIT // 4
 
 
-def raise_fd_limit(want: int = 65536) -> None:
+def raise_fd_limit(want: int = FD_LIMIT) -> None:
     """Raise this process's soft descriptor limit towards `want`, within the hard limit
     (systemd starts services with a soft limit of 1,024 and a hard one far above)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -49,7 +53,7 @@ def raise_fd_limit(want: int = 65536) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-def default_max_files(want: int = MAX_FILES) -> int:
+def capped_max_files(want: int = MAX_FILES) -> int:
     """`want` (the kept_files setting), or fewer when the descriptor limit is low: a
     quarter of it, so that kept files never starve the process of descriptors."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -69,7 +73,7 @@ class _Kept:
 
 class KeptFiles:
     def __init__(self, max_files: int | None = None) -> None:
-        self.max_files = default_max_files() if max_files is None else max_files
+        self.max_files = capped_max_files() if max_files is None else max_files
         self._files: OrderedDict[str, _Kept] = OrderedDict()  # least recently used first
         self._swept = time.monotonic()
 

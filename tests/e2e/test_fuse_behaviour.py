@@ -306,3 +306,27 @@ def test_kept_files_setting_zero_keeps_none_and_serves_the_same(root_fuse: None)
         assert meminfo_kb(meminfo)["MemTotal"] == 123 * 1024
         assert stat.startswith("cpu ")
         assert _worker_fds(d) == before
+
+
+def test_kept_files_setting_is_applied_on_reload(root_fuse: None, tmp_path: Path) -> None:
+    """A reload (SIGHUP) starts workers with the new kept_files: 2,048, then 0."""
+    conf = tmp_path / "config.toml"
+    conf.write_text("kept_files = 2048\n")
+    env = {**os.environ, "CGPROCFS_WORKERS": "1", "CGPROCFS_CONFIG": str(conf)}
+    with running_daemon(env=env) as d, make_cgroup(200 * MiB) as cg:
+        views = " ".join(str(d.view(f"proc/{n}")) for n in ("meminfo", "stat"))
+
+        def read_grows_fds() -> bool:
+            before = _worker_fds(d)
+            subprocess.run(["sh", "-c", f"echo $$ > {cg.dir}/cgroup.procs; cat {views} >/dev/null"],
+                           check=True, timeout=30)
+            return _worker_fds(d) > before
+
+        assert read_grows_fds()
+        conf.write_text("kept_files = 0\n")
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while "every worker replaced" not in d.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "every worker replaced" in d.log()
+        assert not read_grows_fds()

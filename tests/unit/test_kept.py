@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from support import memory_hierarchy
 
-from cgprocfs.kept import IDLE_S, KeptFiles, default_max_files
+from cgprocfs.kept import IDLE_S, KeptFiles, capped_max_files
 
 
 def open_fds() -> int:
@@ -95,8 +95,8 @@ def test_the_setting_is_capped_by_a_quarter_of_the_descriptor_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
-        assert default_max_files(100) == 100
-        assert default_max_files(2048) == 256
-        assert default_max_files(0) == 0
+        assert capped_max_files(100) == 100
+        assert capped_max_files(2048) == 256
+        assert capped_max_files(0) == 0
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

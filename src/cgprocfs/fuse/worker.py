@@ -42,7 +42,7 @@ from cgprocfs.fuse.child import (
     signal_ready,
 )
 from cgprocfs.fuse.loads import SharedLoads
-from cgprocfs.kept import IDLE_S, default_max_files, raise_fd_limit
+from cgprocfs.kept import IDLE_S, capped_max_files, raise_fd_limit
 from cgprocfs.libc import SYS_FUTEX
 from cgprocfs.render.cpu import CpuTimes
 from cgprocfs.resolve import Resolver
@@ -148,7 +148,7 @@ def build_renderer(cfg: Config, loads_fd: int | None, arena: Arena) -> Renderer:
     resolver.cpu.use_quota = cfg.cpu_quota
     resolver.limits.max_age = cfg.limits_max_age
     resolver.host.max_age = cfg.host_max_age
-    resolver.files.max_files = default_max_files(cfg.kept_files)
+    resolver.files.max_files = capped_max_files(cfg.kept_files)
     if loads_fd is not None:
         renderer.loads = SharedLoads(arena, loads_fd)
 
