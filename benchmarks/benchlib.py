@@ -591,6 +591,8 @@ def make_target(name: str, workdir: Path, lxcfs_bin: str | None = None,
             env["PYTHONPATH"] = str(dest / "src")
             src = _git("log", "-1", "--format=%h %s", sha, "--", "src")[:70]
             version = f"git {sha[:12]} (src/ last changed in {src})"
+        # The daemon is interpreter-bound: which build runs it matters (docs/benchmarks.md).
+        version += f"; Python {platform.python_version()} ({os.path.realpath(PYTHON)})"
         return Target("cgprocfs", version=version, cmd=[PYTHON, "-m", "cgprocfs", "serve"],
                       env=env)
     raise SystemExit(f"unknown target {name!r} (known: {', '.join(ALL_TARGETS)})")
@@ -721,6 +723,7 @@ def run_meta() -> dict[str, object]:
         "kernel": platform.release(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
+        "python_executable": os.path.realpath(sys.executable),
         "git": _git("describe", "--always", "--dirty"),
         "loadavg_start": os.getloadavg(),
     }
