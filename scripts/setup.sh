@@ -43,17 +43,16 @@ install_debian() {
 # The venv is made from the interpreter the Debian packages above installed, not from
 # whichever python3 comes first on PATH: a self-built one (pyenv's, say) is often built
 # without PGO and LTO, and the daemon is interpreter-bound. Measured on the test VM:
-# pyenv's 3.11.7 (shared libpython, no PGO/LTO) ran an interpreter loop 25 % slower than
-# Debian's 3.11.2, and `top`-like polling cost the daemon 26-28 % of a core against
-# 22-24 %. PYTHON=/path/to/python3 overrides.
+# pyenv's 3.11.7 (shared libpython, no PGO/LTO) took 0.88 s for an interpreter loop that
+# Debian's 3.11.2 ran in 0.65, and `top`-like polling cost the daemon 26-28 % of a core
+# against 22-24 %. PYTHON=/path/to/python3 overrides.
 PYTHON=${PYTHON:-/usr/bin/python3}
 
 install_python() {
   local want
   want=$("$PYTHON" -c 'import os, sys; print(os.path.realpath(sys.executable))')
-  if [ -x .venv/bin/python ] \
-      && [ "$(.venv/bin/python -c 'import sys; print(sys._base_executable)' 2>/dev/null \
-              | xargs -r realpath 2>/dev/null)" != "$want" ]; then
+  # A venv's python is a symlink to the interpreter it was made from.
+  if [ -x .venv/bin/python ] && [ "$(realpath .venv/bin/python)" != "$want" ]; then
     echo "==> .venv was made from another interpreter; making it anew from $want"
     rm -rf .venv
   fi
