@@ -13,7 +13,6 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from cgprocfs.cgroups import (
@@ -171,8 +170,7 @@ def _quota_at(d: str, version: int,
     return parse_quota(text, 1, read(f"{d}/cpu.cfs_period_us"))
 
 
-@dataclass(frozen=True)
-class CpuPaths:
+class CpuPaths(NamedTuple):
     """A caller's cgroup in each CPU hierarchy ("/" where it has none): all a placement
     is computed from, besides its pid namespace."""
 
@@ -181,8 +179,10 @@ class CpuPaths:
     cpuset: str
 
 
-@dataclass(frozen=True)
-class CpuPlacement:
+# NamedTuples like CpuView: placements are made and completed at every reload and every
+# refresh ahead (~250 a second for 200 polled containers): _replace() costs 0.7 µs against
+# a frozen dataclass's replace() 2.2, building one 0.27 against 0.92.
+class CpuPlacement(NamedTuple):
     """Where a caller's CPU views come from: the slow-changing part of a CpuView, which the
     Resolver keeps per container for at most PLACEMENT_MAX_AGE. `cpus` and `start` are
     looked up when a view first needs them (loadavg needs neither); None: not yet."""
@@ -261,7 +261,7 @@ class CpuReader:
             start = self._start(p.directory, p.version, p.ns_init, host_uptime())
         if cpus is p.cpus and start is p.start:
             return p
-        return replace(p, cpus=cpus, start=start)
+        return p._replace(cpus=cpus, start=start)
 
     def view(self, p: CpuPlacement, with_tasks: bool = True) -> CpuView:
         """The figures of this moment (`p` completed with its CPUs and start). Task counts

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from functools import partial
 from typing import NamedTuple
 
@@ -412,7 +411,7 @@ class Resolver:
                 start = self.cpu.start_of(placed.directory, init)
                 if start is None:
                     return None
-                placed = replace(placed, start=start)
+                placed = placed._replace(start=start)
             return self.cpu.complete(placed, old.cpus is not None, False)
         except (OSError, OddCgroupData, ValueError, TypeError, IndexError):
             return None

@@ -7,6 +7,7 @@ import math
 import os
 import time
 
+from cgprocfs.fuse import abi
 from cgprocfs.fuse.arena import SHARED_KEEP, SLOT_DATA, Arena
 
 
@@ -88,6 +89,17 @@ def test_a_seat_keeps_an_unanswered_request() -> None:
     a.clear_seat(1)
     a.reset_attempts(1)
     assert a.pending_length(1) == 0 and a.bump_attempts(1) == 1
+
+
+def test_a_seat_tells_the_last_request_its_worker_took_even_once_answered() -> None:
+    """What a parked worker watches to tell a stuck leader from a busy one."""
+    a = make()
+    buf = a.request_buffer(0)
+    abi.IN_HEADER.pack_into(buf, 0, 56, abi.READ, 7_000_000_001, 5, 0, 0, 1234, 0, 0)
+    other = Arena(a.fd)
+    assert other.last_unique(0) == 7_000_000_001 and other.last_unique(1) == 0
+    a.clear_seat(0)
+    assert other.pending_length(0) == 0 and other.last_unique(0) == 7_000_000_001
 
 
 def test_loads_publish_and_read_back() -> None:

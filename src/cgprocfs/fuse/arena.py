@@ -66,6 +66,7 @@ SHARED_KEEP = 4
 _IN_USE = re.compile(b"[^\x00]")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
 # Where a shared value was read or written, and its bytes: (entry index, digest, blob).
 SharedToken = tuple[int, bytes, bytes]
 # Version 2 has no back-references, so equal values always give equal bytes, whichever
@@ -183,6 +184,10 @@ class Arena:
         self.slots_off = self.layout.slots_off
         self.seats_off = self.layout.seats_off
         self.times_off = self.layout.times_off
+        self.counters_off = self.layout.counters_off
+        self.loads_off = self.layout.loads_off
+        self.shared_off = self.layout.shared_off
+        self.demand_off = self.layout.demand_off
 
     @classmethod
     def create(cls, seats: int, slots_per_seat: int) -> Arena:
@@ -282,6 +287,11 @@ class Arena:
     def pending_length(self, seat: int) -> int:
         return int(struct.unpack_from("<I", self.mem, self.seat_off(seat) + SEAT_HEAD)[0])
 
+    def last_unique(self, seat: int) -> int:
+        """The FUSE unique of the last request read into the seat (clearing a seat keeps
+        it): it changes with every request its worker takes."""
+        return int(_U64.unpack_from(self.mem, self.seat_off(seat) + SEAT_HEAD + 8)[0])
+
     def clear_seat(self, seat: int) -> None:
         _U32.pack_into(self.mem, self.seat_off(seat) + SEAT_HEAD, 0)
 
@@ -304,23 +314,23 @@ class Arena:
 
     # ---- counters ------------------------------------------------------------------
     def counters(self, seat: int) -> tuple[int, int, int]:
-        return COUNTERS.unpack_from(self.mem, self.layout.counters_off + seat * COUNTERS_SIZE)
+        return COUNTERS.unpack_from(self.mem, self.counters_off + seat * COUNTERS_SIZE)
 
     def store_counters(self, seat: int, opens: int, errors: int, fallbacks: int) -> None:
-        COUNTERS.pack_into(self.mem, self.layout.counters_off + seat * COUNTERS_SIZE,
+        COUNTERS.pack_into(self.mem, self.counters_off + seat * COUNTERS_SIZE,
                            opens, errors, fallbacks)
 
     def counters_writer(self, seat: int) -> Callable[[int, int, int], None]:
         """store_counters(seat, ...) bound once: it runs after every open."""
         return partial(COUNTERS.pack_into, self.mem,
-                       self.layout.counters_off + seat * COUNTERS_SIZE)
+                       self.counters_off + seat * COUNTERS_SIZE)
 
     def refreshes(self, seat: int) -> int:
-        off = self.layout.counters_off + seat * COUNTERS_SIZE + COUNTERS.size
+        off = self.counters_off + seat * COUNTERS_SIZE + COUNTERS.size
         return int(REFRESHES.unpack_from(self.mem, off)[0])
 
     def add_refreshes(self, seat: int, n: int) -> None:
-        off = self.layout.counters_off + seat * COUNTERS_SIZE + COUNTERS.size
+        off = self.counters_off + seat * COUNTERS_SIZE + COUNTERS.size
         REFRESHES.pack_into(self.mem, off, self.refreshes(seat) + n)
 
     def totals(self) -> tuple[int, int, int]:
@@ -453,14 +463,14 @@ class Arena:
         h = int.from_bytes(digest[:8], "little")
         for probe in range(SHARED_PROBES):
             index = (h + probe) % SHARED_ENTRIES
-            off = self.layout.shared_off + index * SHARED_ENTRY_SIZE
+            off = self.shared_off + index * SHARED_ENTRY_SIZE
             if self.mem[off : off + 16] != digest:
                 continue
             got = self._read_shared(off, newer_than)
             if got is None:
                 return None
             _, at, blob, value = got
-            self.mem[self.layout.demand_off + index] = SHARED_KEEP
+            self.mem[self.demand_off + index] = SHARED_KEEP
             return at, value, (index, digest, blob)
         return None
 
@@ -469,14 +479,14 @@ class Arena:
         `newer_than` (a refresh found nothing changed): when it was loaded. The value
         one holds is then as fresh as that, without decoding it again. Else None."""
         index, digest, blob = token
-        off = self.layout.shared_off + index * SHARED_ENTRY_SIZE
+        off = self.shared_off + index * SHARED_ENTRY_SIZE
         d, check, at, n = SHARED_HEAD.unpack_from(self.mem, off)
         if d != digest or at <= newer_than or n != len(blob):
             return None
         start = off + SHARED_HEAD.size
         if self.mem[start : start + n] != blob or _check(digest, at, blob) != check:
             return None
-        self.mem[self.layout.demand_off + index] = SHARED_KEEP
+        self.mem[self.demand_off + index] = SHARED_KEEP
         return float(at)
 
     def store_shared(self, key: bytes, loaded_at: float, value: object
@@ -493,14 +503,14 @@ class Arena:
         for probe in range(SHARED_PROBES):
             index = (h + probe) % SHARED_ENTRIES
             d, _, at, _ = SHARED_HEAD.unpack_from(
-                self.mem, self.layout.shared_off + index * SHARED_ENTRY_SIZE)
+                self.mem, self.shared_off + index * SHARED_ENTRY_SIZE)
             if d == digest:
                 target = index
                 break
             if at < oldest:  # an empty entry has 0.0: the oldest of all
                 target, oldest = index, at
         self._write_shared(target, digest, loaded_at, blob)
-        self.mem[self.layout.demand_off + target] = SHARED_KEEP
+        self.mem[self.demand_off + target] = SHARED_KEEP
         return target, digest, blob
 
     def _read_shared(self, off: int, newer_than: float, older_than: float = math.inf
@@ -521,7 +531,7 @@ class Arena:
 
     def _write_shared(self, index: int, digest: bytes, loaded_at: float, blob: bytes
                       ) -> None:
-        off = self.layout.shared_off + index * SHARED_ENTRY_SIZE
+        off = self.shared_off + index * SHARED_ENTRY_SIZE
         start = off + SHARED_HEAD.size
         self.mem[start : start + len(blob)] = blob
         SHARED_HEAD.pack_into(self.mem, off, digest, _check(digest, loaded_at, blob),
@@ -531,11 +541,11 @@ class Arena:
         """(index, key digest, loaded at, value) of each entry loaded before
         `loaded_before` and still in use: stored or fetched by a worker within its last
         SHARED_KEEP refreshes. A look at one byte per entry finds them."""
-        demand = self.layout.demand_off
+        demand = self.demand_off
         out: list[tuple[int, bytes, float, object]] = []
         for m in _IN_USE.finditer(self.mem, demand, demand + SHARED_ENTRIES):
             index = m.start() - demand
-            off = self.layout.shared_off + index * SHARED_ENTRY_SIZE
+            off = self.shared_off + index * SHARED_ENTRY_SIZE
             got = self._read_shared(off, -math.inf, loaded_before)
             if got is not None:
                 out.append((index, got[0], got[1], got[3]))
@@ -550,12 +560,12 @@ class Arena:
         if not 0 <= index < SHARED_ENTRIES:
             return False
         d, _, at, _ = SHARED_HEAD.unpack_from(
-            self.mem, self.layout.shared_off + index * SHARED_ENTRY_SIZE)
+            self.mem, self.shared_off + index * SHARED_ENTRY_SIZE)
         blob = _shareable(value)
         if d != digest or at != was_loaded_at or blob is None:
             return False
         self._write_shared(index, digest, loaded_at, blob)
-        left = self.layout.demand_off + index
+        left = self.demand_off + index
         self.mem[left] = max(0, self.mem[left] - 1)
         return True
 
@@ -563,7 +573,7 @@ class Arena:
         """Stop refreshing entry `index` (one that cannot be refreshed); it stays valid
         until it expires, and a worker using it puts it back in use."""
         if 0 <= index < SHARED_ENTRIES:
-            self.mem[self.layout.demand_off + index] = 0
+            self.mem[self.demand_off + index] = 0
 
     # ---- published loads -------------------------------------------------------------
     def publish_loads(self, table: dict[str, tuple[int, ...]]) -> None:
@@ -574,7 +584,7 @@ class Arena:
             return  # over ~10,000 tracked cgroups: keep the last table rather than fail
         version, buf, _ = struct.unpack_from("<QII", self.mem, 40)
         nxt = 1 - buf
-        off = self.layout.loads_off + nxt * half
+        off = self.loads_off + nxt * half
         self.mem[off : off + len(blob)] = blob
         struct.pack_into("<QII", self.mem, 40, version + 1, nxt, len(blob))
 
@@ -585,7 +595,7 @@ class Arena:
         half = LOADS_AREA // 2
         for _ in range(5):
             version, buf, n = struct.unpack_from("<QII", self.mem, 40)
-            off = self.layout.loads_off + buf * half
+            off = self.loads_off + buf * half
             blob = bytes(self.mem[off : off + n])
             if struct.unpack_from("<Q", self.mem, 40)[0] == version:
                 return version, marshal.loads(blob) if n else {}

@@ -92,9 +92,10 @@ QUEUED_S = 15e-6
 # /dev/fuse; the others stay parked on a futex in the arena until the leader sees
 # requests queued behind the one it took, serve while requests keep waiting, and park
 # again when none is. A parked worker also checks every PARK_CHECK_S that the leader
-# lives and that no request waits (a leader stuck in a slow cgroup read), and takes over;
-# the first parked one then also refreshes the shared configuration in use that is about
-# to expire (ViewsFS.refresh_ahead), so that the leader finds it fresh.
+# lives and, should requests wait, that it took a request since the last check (else it
+# is stuck, in a slow cgroup read say), and leads in its place; the first parked one then
+# also refreshes the shared configuration in use that is about to expire
+# (ViewsFS.refresh_ahead), so that the leader finds it fresh.
 PARK_CHECK_S = 0.1
 BACKLOG_TO_WAKE = 2
 ENV_PARKING = "CGPROCFS_PARKING"  # 0: every worker reads /dev/fuse all the time
@@ -283,12 +284,15 @@ class Worker:
                         log.info("the mount is gone (ENODEV); worker %d exits", self.seat)
                         return
                     raise
-                if parking and lead == seat and arena.any_parked():
+                if not queued:
+                    # A read that waited found the queue empty: no need to ask (most
+                    # requests of a polled node come this way).
+                    backlog = 0
+                elif parking and lead == seat and arena.any_parked():
                     # Requests queued behind this one, at several reads in a row: the
                     # load outgrew one worker (a single one now and then is a burst the
-                    # leader clears itself, cheaper than a wake-up). A read that waited
-                    # found the queue empty: no need to ask.
-                    backlog = backlog + 1 if queued and poller.poll(0) else 0
+                    # leader clears itself, cheaper than a wake-up).
+                    backlog = backlog + 1 if poller.poll(0) else 0
                     if backlog >= BACKLOG_TO_WAKE:
                         arena.wake_one()
                         backlog = 0
@@ -303,9 +307,11 @@ class Worker:
 
     def _park(self, poller: select.poll) -> bool:
         """Sleep off /dev/fuse until the leader finds requests queued (or leaves, or
-        stalls: requests waiting at a check). False: stop."""
+        stalls: requests waiting, none taken since the last check). False: stop."""
         arena, seat = self.arena, self.seat
         arena.set_parked(seat, True)
+        # The leader's last request (its seat, the FUSE unique) and since when it is.
+        seen: tuple[tuple[int, int], float] | None = None
         try:
             while not self.stopping:
                 seq = arena.wake_seq()
@@ -313,8 +319,23 @@ class Worker:
                 if lead < 0 or not _alive(pid):
                     arena.set_leader(seat, os.getpid())  # gone without handing over
                     return True
-                if poller.poll(0):
+                # A request waiting at a check is no sign of trouble by itself: with a
+                # few thousand requests a second one often is, and the leader keeps up.
+                # A request waiting while the leader took none for a whole check is: the
+                # leader is stuck (a slow cgroup read, a stopped process). Lead in its
+                # place (answering only what waits at each check would serve a lone
+                # reader one request per check); it parks when it comes back.
+                now = time.monotonic()
+                progress = (lead, arena.last_unique(lead))
+                if seen is not None and progress == seen[0] \
+                        and now - seen[1] >= PARK_CHECK_S / 2 and poller.poll(0):
+                    log.warning("leader (seat %d, pid %d) took no request for %.2f s "
+                                "while requests wait; seat %d leads", lead, pid,
+                                now - seen[1], seat)
+                    arena.set_leader(seat, os.getpid())
                     return True
+                if seen is None or progress != seen[0]:
+                    seen = (progress, now)
                 self.in_read = True  # nothing in hand: SIGTERM may end the wait
                 arena.park(seq, PARK_CHECK_S)
                 self.in_read = False
