@@ -58,13 +58,12 @@ class Snapshot(NamedTuple):
     caller: str = ""  # the caller's /proc/PID/cgroup as read for this snapshot
 
 
-def _limit_at(path: str) -> int | None:
-    text = read_optional(path)
-    return None if text is None else parse_limit(text)
-
-
-def _limits_at(d: str, limit_file: str, swap_file: str) -> tuple[int | None, int | None]:
-    return _limit_at(f"{d}/{limit_file}"), _limit_at(f"{d}/{swap_file}")
+def _limits_at(d: str, limit_file: str, swap_file: str,
+               read: Callable[[str], str | None] = read_optional
+               ) -> tuple[int | None, int | None]:
+    limit, swap = read(f"{d}/{limit_file}"), read(f"{d}/{swap_file}")
+    return (None if limit is None else parse_limit(limit),
+            None if swap is None else parse_limit(swap))
 
 
 # How old the host's cpuinfo may be.
@@ -126,14 +125,17 @@ class _Reads:
 
 
 def _pick(
-    chain: list[tuple[str, str]], limit_file: str, swap_file: str, cache: LimitsCache
+    chain: list[tuple[str, str]], limit_file: str, swap_file: str, cache: LimitsCache,
+    read: Callable[[str], str | None] = read_optional,
 ) -> tuple[int | None, str | None, int | None]:
-    """Walk from the caller up: (min limit, topmost cgroup carrying it, min swap limit)."""
+    """Walk from the caller up: (min limit, topmost cgroup carrying it, min swap limit).
+    Limits are re-read once a second per cgroup on the chain: through kept files (`read`),
+    they cost a re-read, not an open by path."""
     best: int | None = None
     best_path: str | None = None
     swap_best: int | None = None
     for p, d in chain:
-        lim, sw = cache.get(d, partial(_limits_at, d, limit_file, swap_file))
+        lim, sw = cache.get(d, partial(_limits_at, d, limit_file, swap_file, read))
         if lim is not None and (best is None or lim <= best):
             best, best_path = lim, p
         if sw is not None and (swap_best is None or sw < swap_best):
@@ -159,7 +161,8 @@ def _v2_view(
     with_events: bool,
     read: _Reads,
 ) -> MemoryView | None:
-    limit, best_path, swap_limit = _pick(chain, "memory.max", "memory.swap.max", cache)
+    limit, best_path, swap_limit = _pick(chain, "memory.max", "memory.swap.max", cache,
+                                         read.optional)
     where = _view_dir(h, best_path, container)
     if where is None:
         return None
@@ -187,7 +190,7 @@ def _v1_view(
     read: _Reads,
 ) -> MemoryView | None:
     limit, best_path, memsw_limit = _pick(
-        chain, "memory.limit_in_bytes", "memory.memsw.limit_in_bytes", cache
+        chain, "memory.limit_in_bytes", "memory.memsw.limit_in_bytes", cache, read.optional
     )
     where = _view_dir(h, best_path, container)
     if where is None:
