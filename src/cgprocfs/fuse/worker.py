@@ -312,6 +312,7 @@ class Worker:
         arena.set_parked(seat, True)
         # The leader's last request (its seat, the FUSE unique) and since when it is.
         seen: tuple[tuple[int, int], float] | None = None
+        waited = False  # a request was waiting at the last check
         try:
             while not self.stopping:
                 seq = arena.wake_seq()
@@ -319,7 +320,7 @@ class Worker:
                 if lead < 0 or not _alive(pid):
                     arena.set_leader(seat, os.getpid())  # gone without handing over
                     return True
-                # A request waiting at a check is no sign of trouble by itself: with a
+                # A request waiting at one check is no sign of trouble by itself: with a
                 # few thousand requests a second one often is, and the leader keeps up.
                 # A request waiting while the leader took none for a whole check is: the
                 # leader is stuck (a slow cgroup read, a stopped process). Lead in its
@@ -327,13 +328,21 @@ class Worker:
                 # reader one request per check); it parks when it comes back.
                 now = time.monotonic()
                 progress = (lead, arena.last_unique(lead))
-                if seen is not None and progress == seen[0] \
-                        and now - seen[1] >= PARK_CHECK_S / 2 and poller.poll(0):
+                waiting = bool(poller.poll(0))
+                if waiting and seen is not None and progress == seen[0] \
+                        and now - seen[1] >= PARK_CHECK_S / 2:
                     log.warning("leader (seat %d, pid %d) took no request for %.2f s "
                                 "while requests wait; seat %d leads", lead, pid,
                                 now - seen[1], seat)
                     arena.set_leader(seat, os.getpid())
                     return True
+                if waiting and waited:
+                    # Requests waiting at two checks in a row: more load than the leader
+                    # clears, where the leader's own backlog test cannot tell (it times
+                    # its reads: on a machine with slow system calls, user-mode Linux
+                    # for one, no read looks queued). Help while requests wait.
+                    return True
+                waited = waiting
                 if seen is None or progress != seen[0]:
                     seen = (progress, now)
                 self.in_read = True  # nothing in hand: SIGTERM may end the wait
