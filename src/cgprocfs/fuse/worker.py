@@ -408,11 +408,13 @@ class Worker:
             return
         else:
             err = -errno.ENOSYS
-        self._reply(unique, err, payload, opcode, nodeid)
-        self._clear_seat()
         if opcode == _OPEN:
+            # Before the reply: a caller that has its answer finds its open counted,
+            # whichever worker serves the status file it reads next.
             c = self.fs.counters
             self._store_counters(c.opens, c.errors, self.fs.renderer.fallbacks)
+        self._reply(unique, err, payload, opcode, nodeid)
+        self._clear_seat()
 
     def _reply(self, unique: int, err: int, payload: bytes, opcode: int, nodeid: int) -> None:
         try:
