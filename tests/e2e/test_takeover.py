@@ -40,6 +40,11 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def process_state(pid: int) -> str:
+    """R, S, T (stopped), ... from /proc/PID/stat (the field after the command name)."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+
+
 def wait_for(predicate, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -289,6 +294,10 @@ def test_a_stopped_leader_is_replaced_while_requests_wait(root_fuse: None,
         stop = tmp_path / "stop"
         os.kill(stopped, signal.SIGSTOP)
         try:
+            # No request until it has stopped: woken by the signal but not yet run, a
+            # leader blocked in read() still takes a request that came meanwhile (the
+            # kernel tests for one before the signal), then stops holding it.
+            assert wait_for(lambda: process_state(stopped) == "T", timeout=10)
             reader = subprocess.Popen([PYTHON, READER, str(d.mountpoint),
                                        ",".join(str(p) for p in ct.procs_files),
                                        str(256 << 20), str(stop)],

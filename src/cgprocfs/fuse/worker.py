@@ -76,6 +76,12 @@ SPIN_SCORE_MAX = 8
 SPIN_MISS_COST = 8
 SPIN_PROBE_EVERY = 4
 ENV_SPIN_US = "CGPROCFS_SPIN_US"  # 0: never spin
+# A spin is only worth it on a CPU nobody else wants: with more runnable tasks than CPUs
+# (8 readers on 2 CPUs, say) the spinning worker takes the time a reader needed to send
+# the next request. Measured, 8 readers of meminfo on 2 vCPUs: 14,876 opens/s without
+# spinning against 10,462 with. The kernel's count of runnable tasks (the fourth field
+# of /proc/loadavg) is looked at most every CONTENTION_CHECK_S.
+CONTENTION_CHECK_S = 0.01
 # Under load the next request is already queued when a worker comes back to read: a
 # read() that returned this fast (without a spin before it) did not wait, and the worker
 # reads the next one straight away, without spinning or asking poll() first. That is one
@@ -113,6 +119,30 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class CpuContention:
+    """Whether more tasks are runnable than there are CPUs, as of at most
+    CONTENTION_CHECK_S ago (the caller passes the time: it has it at hand)."""
+
+    def __init__(self) -> None:
+        self.cpus = os.cpu_count() or 1
+        self.busy = False
+        self.checked = 0.0
+        try:
+            self.fd: int | None = os.open("/proc/loadavg", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self.fd = None  # never contended: spin as configured
+
+    def now(self, t: float) -> bool:
+        if t - self.checked >= CONTENTION_CHECK_S and self.fd is not None:
+            self.checked = t
+            try:
+                running = int(os.pread(self.fd, 128, 0).split()[3].split(b"/")[0])
+            except (OSError, ValueError, IndexError):
+                running = 0
+            self.busy = running > self.cpus
+        return self.busy
 
 
 def spin_seconds() -> float:
@@ -239,6 +269,7 @@ class Worker:
         arena.stop_spinning(seat)  # a predecessor killed while spinning
         arena.set_parked(seat, False)
         score = probe = backlog = 0
+        contention = CpuContention()
         queued = False  # the last read did not wait: requests are queued
         try:
             while not self.stopping:
@@ -255,9 +286,10 @@ class Worker:
                 spun = False
                 if leading and spin and not queued \
                         and (score > 0 or probe % SPIN_PROBE_EVERY == 0) \
+                        and not contention.now(spin_from := pc()) \
                         and arena.start_spinning(seat):
                     spun = True
-                    deadline = pc() + spin
+                    deadline = spin_from + spin
                     while not (caught := bool(poller.poll(0))) and pc() < deadline \
                             and not self.stopping:
                         pass
