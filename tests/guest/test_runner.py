@@ -16,15 +16,16 @@ from tests.guest.packages import (
     docker_setup_script,
     ensure_docker_root,
 )
-from tests.guest.runner import REPO_ROOT, pidns_members, run_in_guest, uml_binary
+from tests.guest.runner import REPO_ROOT, available, pidns_members, run_in_guest
 
-pytestmark = [
-    pytest.mark.guest,
-    pytest.mark.skipif(
-        uml_binary() is None,
-        reason="user-mode-linux is not installed (no linux.uml): apt-get install user-mode-linux",
-    ),
-]
+pytestmark = [pytest.mark.guest]
+
+
+@pytest.fixture(autouse=True)
+def _guests_run_here() -> None:
+    reason = available()
+    if reason:
+        pytest.skip(reason)
 
 
 def _python() -> Path:
