@@ -58,8 +58,7 @@ class Snapshot(NamedTuple):
     caller: str = ""  # the caller's /proc/PID/cgroup as read for this snapshot
 
 
-def _limits_at(d: str, limit_file: str, swap_file: str,
-               read: Callable[[str], str | None] = read_optional
+def _limits_at(d: str, limit_file: str, swap_file: str, read: Callable[[str], str | None]
                ) -> tuple[int | None, int | None]:
     limit, swap = read(f"{d}/{limit_file}"), read(f"{d}/{swap_file}")
     return (None if limit is None else parse_limit(limit),
@@ -126,7 +125,7 @@ class _Reads:
 
 def _pick(
     chain: list[tuple[str, str]], limit_file: str, swap_file: str, cache: LimitsCache,
-    read: Callable[[str], str | None] = read_optional,
+    read: Callable[[str], str | None],
 ) -> tuple[int | None, str | None, int | None]:
     """Walk from the caller up: (min limit, topmost cgroup carrying it, min swap limit).
     Limits are re-read once a second per cgroup on the chain: through kept files (`read`),

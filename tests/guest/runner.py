@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import re
 import shlex
@@ -69,21 +70,19 @@ def available() -> str | None:
 # guest tests then run and fail with the console in their report.
 _FPU_REFUSED = re.compile(r"ptrace (?:set|get) fp regs failed[^\n]*")
 PROBE_TIMEOUT_S = 30.0
-_probed: list[str | None] = []
 
 
+@functools.cache
 def _host_cpu_problem() -> str | None:
     """Boot one guest (once per process) and return why guests cannot run on this host
     CPU, or None."""
-    if not _probed:
-        r = run_in_guest("exit 0", timeout=PROBE_TIMEOUT_S, mem="256M")
-        found = _FPU_REFUSED.search(r.console) if r.returncode != 0 else None
-        _probed.append(
-            None if found is None else
-            f"user-mode-linux 6.1 cannot run a guest on this host CPU: its init died with "
+    r = run_in_guest("exit 0", timeout=PROBE_TIMEOUT_S, mem="256M")
+    found = _FPU_REFUSED.search(r.console) if r.returncode != 0 else None
+    if found is None:
+        return None
+    return (f"user-mode-linux 6.1 cannot run a guest on this host CPU: its init died with "
             f"{found.group(0).strip()!r} (the host's XSAVE area, AMX, is larger than "
             f"this UML kernel handles; see docs/guest.md)")
-    return _probed[0]
 
 
 @dataclass

@@ -15,6 +15,8 @@ def test_contention_is_the_kernels_runnable_count_against_the_cpus() -> None:
     assert c.now(1000.0) is True
     c.cpus = 1 << 20
     assert c.now(1000.0 + 2 * CONTENTION_CHECK_S) is False
+    assert c.fd is not None
+    os.close(c.fd)
 
 
 def test_the_count_is_looked_at_again_only_after_the_check_interval() -> None:
@@ -24,6 +26,8 @@ def test_the_count_is_looked_at_again_only_after_the_check_interval() -> None:
     c.cpus = 1 << 20
     assert c.now(50.0 + CONTENTION_CHECK_S / 2) is True  # the earlier answer
     assert c.now(50.0 + 2 * CONTENTION_CHECK_S) is False
+    assert c.fd is not None
+    os.close(c.fd)
 
 
 def test_an_unreadable_count_never_reports_contention() -> None:
