@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report no swap inside containers (SwapTotal 0, empty /proc/swaps)")
     s.add_argument("--no-cpu-quota", dest="cpu_quota", action="store_false", default=None,
                    help="count visible CPUs from cpusets only, ignoring CFS quotas")
+    s.add_argument("--io-uring", dest="io_uring", action="store_true", default=None,
+                   help="serve through FUSE over io_uring where the kernel has it: each "
+                   "request on the caller's CPU (docs/operation.md)")
     s.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
     s.add_argument("--no-sysinfo", dest="sysinfo", action="store_false",
                    help="do not run the sysinfo(2) agent (docs/sysinfo.md)")
@@ -109,6 +112,7 @@ def _config(args: argparse.Namespace) -> Config:
         "mountpoint": getattr(args, "mountpoint", None),
         "hide_swap": getattr(args, "hide_swap", None),
         "cpu_quota": getattr(args, "cpu_quota", None),
+        "io_uring": getattr(args, "io_uring", None),
         "sysinfo_socket": getattr(args, "socket", None),
         "log_level": args.log_level,
     }

@@ -10,10 +10,12 @@
     host_max_age = 0.05        # seconds the host's meminfo may be old when used as a cap
     kept_files = 2048          # files each worker keeps open to re-read (0: none)
     sysinfo_socket = "/run/cgprocfs/seccomp.sock"  # where the sysinfo agent takes listeners
+    io_uring = false           # serve through FUSE over io_uring (docs/operation.md)
 
 Environment: CGPROCFS_CONFIG (the file), CGPROCFS_MOUNTPOINT, CGPROCFS_VIEWS (comma list or
 "all"), CGPROCFS_HIDE_SWAP, CGPROCFS_CPU_QUOTA (1/0, true/false), CGPROCFS_LOG_LEVEL,
-CGPROCFS_LIMITS_MAX_AGE, CGPROCFS_HOST_MAX_AGE, CGPROCFS_KEPT_FILES, CGPROCFS_SYSINFO_SOCKET.
+CGPROCFS_LIMITS_MAX_AGE, CGPROCFS_HOST_MAX_AGE, CGPROCFS_KEPT_FILES, CGPROCFS_SYSINFO_SOCKET,
+CGPROCFS_IO_URING.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Config:
     host_max_age: float = 0.05
     kept_files: int = MAX_FILES
     sysinfo_socket: str = "/run/cgprocfs/seccomp.sock"
+    io_uring: bool = False
 
     def check(self, known_views: tuple[str, ...]) -> None:
         if not os.path.isabs(self.mountpoint):
@@ -115,7 +118,7 @@ def _coerce(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
         if key not in known:
             raise ConfigError(f"{source}: unknown setting {key!r} "
                               f"(known: {', '.join(sorted(known))})")
-        if key in ("hide_swap", "cpu_quota"):
+        if key in ("hide_swap", "cpu_quota", "io_uring"):
             out[key] = _bool(key, value)
         elif key in ("limits_max_age", "host_max_age"):
             out[key] = _float(key, value)

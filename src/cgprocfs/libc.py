@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import platform
 
 
@@ -38,3 +39,23 @@ def futex_wait(address: int, expected: int, timeout: float) -> None:
 def futex_wake(address: int, count: int) -> None:
     assert SYS_FUTEX is not None
     libc().syscall(SYS_FUTEX, ctypes.c_void_p(address), FUTEX_WAKE, count, None, None, 0)
+
+
+MAP_SHARED = 0x01
+MAP_FIXED_NOREPLACE = 0x100000
+PROT_READ_WRITE = 0x3
+
+
+def mmap_at(address: int, length: int, fd: int, offset: int) -> int:
+    """Map `length` bytes of `fd` from `offset`, shared and writable, at exactly
+    `address` (never over an existing mapping); returns the address mapped at, which
+    may differ only on kernels older than 4.17 (the caller checks)."""
+    fn = libc().mmap
+    fn.restype = ctypes.c_void_p
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                   ctypes.c_int, ctypes.c_long]
+    got = fn(address, length, PROT_READ_WRITE, MAP_SHARED | MAP_FIXED_NOREPLACE, fd, offset)
+    if got is None or got == ctypes.c_void_p(-1).value:
+        e = ctypes.get_errno()
+        raise OSError(e, f"mmap at {address:#x}: {os.strerror(e)}")
+    return int(got)

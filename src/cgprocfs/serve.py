@@ -125,6 +125,21 @@ def worker_count() -> int:
     return max(2, min(8, os.cpu_count() or 2))
 
 
+def ring_worker_count(cfg: Config) -> int:
+    """Ring workers for `io_uring = true` (one per CPU, at most 8; each serves the ring
+    queues of its share of the CPUs), or 0 where the kernel cannot do it. Turns the fuse
+    module's enable_uring parameter on if need be (it only lets daemons ask for it)."""
+    from cgprocfs.fuse import uring
+
+    if not cfg.io_uring:
+        return 0
+    problem = uring.unavailable()
+    if problem:
+        log.warning("io_uring = true, but %s: serving through /dev/fuse", problem)
+        return 0
+    return max(1, min(8, uring.possible_cpus()))
+
+
 def serve(opts: ServeOptions) -> int:
     cfg = opts.config
     if os.environ.get("CGPROCFS_CHECK_ONLY"):
@@ -145,6 +160,9 @@ def serve(opts: ServeOptions) -> int:
     mountpoint = cfg.mountpoint
     views = select_views(cfg)
     workers = worker_count()
+    ring_groups = ring_worker_count(cfg)
+    if ring_groups:
+        workers = 2  # they serve only what comes before the ring is ready, and FORGETs
     state = sv.takeover_state()
     stored = sv.listen_fds()
     keep_mount = False
@@ -167,17 +185,21 @@ def serve(opts: ServeOptions) -> int:
         except (MountError, OSError) as exc:
             raise StartupError(f"cannot mount {mountpoint}: {exc}") from exc
         try:
-            minor, flags = answer_init(fuse_fd)
+            minor, flags = answer_init(fuse_fd, io_uring=bool(ring_groups))
         except (MountError, OSError) as exc:
             lazy_unmount(mountpoint)
             raise StartupError(f"cannot start FUSE on {mountpoint}: {exc}") from exc
-        conn = sv.Connection.create(fuse_fd, 2 * workers + 2)
+        from cgprocfs.fuse.uring import possible_cpus
+
+        ents = -(-possible_cpus() // ring_groups) if ring_groups else 0
+        conn = sv.Connection.create(fuse_fd, 2 * (workers + ring_groups) + 2, ents)
+        conn.arena.set_ring_groups(ring_groups)
         conn.arena.set_init(minor, flags)
         keep_mount = sv.store_fds(conn)
         layout = load_layout()
-        log.info("serving %s on %s (%s; kernel FUSE 7.%d; %d workers)",
+        log.info("serving %s on %s (%s; kernel FUSE 7.%d; %d workers%s)",
                  ", ".join(v.path for v in views), mountpoint, layout.describe(), minor,
-                 workers)
+                 workers, f", {ring_groups} on io_uring" if ring_groups else "")
 
     def unmount() -> None:
         try:
@@ -185,8 +207,11 @@ def serve(opts: ServeOptions) -> int:
         except OSError as exc:
             log.warning("%s", exc)
 
+    if conn.arena.ring_groups and not conn.arena.layout.ring_ents:
+        conn.arena.set_ring_groups(0)  # taken over from a build without ring areas
+    ring_groups = conn.arena.ring_groups  # a taken-over mount keeps what it started with
     sup = sv.Supervisor(cfg, conn, mountpoint, workers, unmount, keep_mount=keep_mount,
-                        debug_fuse=opts.debug_fuse)
+                        debug_fuse=opts.debug_fuse, ring_groups=ring_groups)
     if opts.sysinfo:
         sup.enable_sysinfo(state.get("kept") if state else None)  # type: ignore[arg-type]
     sup.reexec_argv = [sys.executable, "-m", "cgprocfs", *sys.argv[1:]]

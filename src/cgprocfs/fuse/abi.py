@@ -37,6 +37,8 @@ NO_REPLY = frozenset({FORGET, BATCH_FORGET, INTERRUPT})
 FUSE_ASYNC_READ = 1 << 0
 FUSE_PARALLEL_DIROPS = 1 << 18
 FUSE_MAX_PAGES = 1 << 22
+FUSE_INIT_EXT = 1 << 30  # flags2 (the high 32 bits) follow in init_in and init_out
+FUSE_OVER_IO_URING_HI = 1 << (41 - 32)  # in flags2
 
 # open_out.open_flags
 FOPEN_DIRECT_IO = 1 << 0
@@ -46,7 +48,8 @@ OUT_HEADER = struct.Struct("<IiQ")  # len error unique
 IN_HEADER_SIZE = IN_HEADER.size  # 40
 OUT_HEADER_SIZE = OUT_HEADER.size  # 16
 
-INIT_IN = struct.Struct("<IIII")  # major minor max_readahead flags
+INIT_IN = struct.Struct("<IIII")  # major minor max_readahead flags (then flags2)
+U32 = struct.Struct("<I")
 # major minor max_readahead flags max_background congestion_threshold max_write time_gran
 # max_pages map_alignment flags2 + unused: 64 bytes in all.
 INIT_OUT = struct.Struct("<IIIIHHIIHHI28x")

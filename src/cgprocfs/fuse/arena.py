@@ -87,6 +87,8 @@ SPINNER_OFF = 64  # header byte: 1 + the seat of the worker spinning for request
 LEADER = struct.Struct("<II")  # 1 + the leading worker's seat (0: none), its pid
 LEADER_OFF = 72
 WAKE_OFF = 128  # u32 futex word: bumped to wake a parked worker
+RING_ENTS_OFF = 96  # u32: FUSE-over-io_uring entries per seat (0: no ring area)
+RING_GROUPS_OFF = 100  # u32: ring workers (each serves the queues q % groups == its own)
 PARKED_OFF = 192  # one byte per seat: 1 while its worker is parked
 MAX_SEATS = HEADER_SIZE - PARKED_OFF
 # header: magic, seats, slots per seat, kernel minor, init flags, restarts, poisoned,
@@ -94,10 +96,23 @@ MAX_SEATS = HEADER_SIZE - PARKED_OFF
 _HEADER = struct.Struct("<8sIIIIIIdQII")
 
 
+# The ring area (FUSE over io_uring, see uring.py): per seat, `ring_ents` entries of a
+# header page and a payload buffer. The kernel keeps the address each entry registered
+# with, so a worker's successor maps its seat's area at the same address and answers the
+# request its predecessor held (ring_address).
+RING_HEADER = 4096
+RING_PAYLOAD = 128 * 1024  # the kernel wants room for the largest READ (MAX_PAGES)
+RING_ENT_SIZE = RING_HEADER + RING_PAYLOAD
+RING_META = 2048  # in an entry's header page, after what the kernel writes: our own fields
+RING_META_FMT = struct.Struct("<QI")  # the unique answered in the buffers, group + 1
+RING_BASE = 0x5A0000000000  # where seat 0's ring area is mapped in every worker
+
+
 @dataclass(frozen=True)
 class Layout:
     seats: int
     slots_per_seat: int
+    ring_ents: int = 0
 
     @property
     def slots(self) -> int:
@@ -139,8 +154,16 @@ class Layout:
         return self.shared_off + SHARED_ENTRIES * SHARED_ENTRY_SIZE
 
     @property
+    def ring_off(self) -> int:
+        return _align(self.demand_off + SHARED_ENTRIES, 4096)
+
+    @property
+    def ring_seat_size(self) -> int:
+        return self.ring_ents * RING_ENT_SIZE
+
+    @property
     def size(self) -> int:
-        return self.demand_off + SHARED_ENTRIES
+        return self.ring_off + self.seats * self.ring_seat_size
 
 
 def _align(n: int, to: int) -> int:
@@ -167,9 +190,10 @@ class Arena:
         self.fd = fd
         with mmap.mmap(fd, HEADER_SIZE, mmap.MAP_SHARED, mmap.PROT_READ) as head:
             magic, seats, per_seat = struct.unpack_from("<8sII", head, 0)
+            ring_ents = _U32.unpack_from(head, RING_ENTS_OFF)[0]
         if magic != MAGIC:
             raise ValueError("not a cgprocfs arena")
-        self.layout = Layout(seats, per_seat)
+        self.layout = Layout(seats, per_seat, ring_ents)
         if seats > MAX_SEATS:
             raise ValueError(f"an arena has at most {MAX_SEATS} seats")
         if os.fstat(fd).st_size < self.layout.size:
@@ -190,14 +214,42 @@ class Arena:
         self.demand_off = self.layout.demand_off
 
     @classmethod
-    def create(cls, seats: int, slots_per_seat: int) -> Arena:
-        layout = Layout(seats, slots_per_seat)
+    def create(cls, seats: int, slots_per_seat: int, ring_ents: int = 0) -> Arena:
+        layout = Layout(seats, slots_per_seat, ring_ents)
         fd = os.memfd_create("cgprocfs-arena", 0)  # inheritable: workers get it
         os.ftruncate(fd, layout.size)
         with mmap.mmap(fd, HEADER_SIZE, mmap.MAP_SHARED) as m:
             _HEADER.pack_into(m, 0, MAGIC, seats, slots_per_seat, 0, 0, 0, 0, time.time(),
                               0, 0, 0)
+            _U32.pack_into(m, RING_ENTS_OFF, ring_ents)
         return cls(fd)
+
+    # ---- the ring area -------------------------------------------------------------
+    def ring_seat_off(self, seat: int) -> int:
+        return self.layout.ring_off + seat * self.layout.ring_seat_size
+
+    def ring_address(self, seat: int) -> int:
+        """The address a seat's ring area is mapped at, in every process (see RING_BASE)."""
+        return RING_BASE + seat * _align(self.layout.ring_seat_size, 1 << 21)
+
+    @property
+    def ring_groups(self) -> int:
+        return int(_U32.unpack_from(self.mem, RING_GROUPS_OFF)[0])
+
+    def set_ring_groups(self, groups: int) -> None:
+        _U32.pack_into(self.mem, RING_GROUPS_OFF, groups)
+
+    def ring_group(self, seat: int) -> int:
+        """The ring group a seat serves (the supervisor sets it before it starts the
+        seat's worker); -1: not a ring seat."""
+        if not self.layout.ring_ents:
+            return -1
+        off = self.ring_seat_off(seat) + RING_META + 8
+        return int(_U32.unpack_from(self.mem, off)[0]) - 1
+
+    def set_ring_group(self, seat: int, group: int) -> None:
+        if self.layout.ring_ents:
+            _U32.pack_into(self.mem, self.ring_seat_off(seat) + RING_META + 8, group + 1)
 
     # ---- header fields -------------------------------------------------------------
     def _header(self) -> tuple[object, ...]:

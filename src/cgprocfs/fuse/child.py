@@ -13,6 +13,7 @@ PR_SET_PDEATHSIG = 1
 # What the supervisor tells the processes it starts (inherited descriptors are numbers).
 ENV_FUSE_FD = "CGPROCFS_FUSE_FD"
 ENV_ARENA_FD = "CGPROCFS_ARENA_FD"
+ENV_ROLE = "CGPROCFS_ROLE"  # "ring": a ring worker (ring_worker.py)
 ENV_SEAT = "CGPROCFS_SEAT"
 ENV_READY_FD = "CGPROCFS_READY_FD"
 ENV_LOADS_FD = "CGPROCFS_LOADS_FD"  # workers: their end; the sampler: its end

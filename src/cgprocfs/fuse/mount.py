@@ -40,8 +40,11 @@ def mount_fuse(mountpoint: str, fsname: str, subtype: str) -> int:
     return fd
 
 
-def answer_init(fd: int) -> tuple[int, int]:
-    """Read the kernel's INIT and answer it; returns (kernel minor, flags we agreed)."""
+def answer_init(fd: int, io_uring: bool = False) -> tuple[int, int]:
+    """Read the kernel's INIT and answer it; returns (kernel minor, flags we agreed).
+    With `io_uring`, also agree to FUSE over io_uring if the kernel offers it: the
+    connection then keeps it even if the module parameter is turned off later (a ring
+    worker's successor must still be able to register)."""
     buf = bytearray(abi.MIN_READ_BUFFER + abi.MAX_WRITE)
     while True:
         try:
@@ -58,7 +61,13 @@ def answer_init(fd: int) -> tuple[int, int]:
         os.write(fd, abi.OUT_HEADER.pack(abi.OUT_HEADER_SIZE, -errno.EPROTO, unique))
         raise MountError(f"kernel FUSE protocol {major}.{minor}; 7.{abi.KERNEL_MINOR}+ needed")
     flags = kflags & (abi.FUSE_ASYNC_READ | abi.FUSE_PARALLEL_DIROPS | abi.FUSE_MAX_PAGES)
+    flags2 = 0
+    if io_uring and kflags & abi.FUSE_INIT_EXT and n >= abi.IN_HEADER_SIZE + 20:
+        kflags2 = abi.U32.unpack_from(buf, abi.IN_HEADER_SIZE + abi.INIT_IN.size)[0]
+        if kflags2 & abi.FUSE_OVER_IO_URING_HI:
+            flags |= abi.FUSE_INIT_EXT
+            flags2 = abi.FUSE_OVER_IO_URING_HI
     out = abi.INIT_OUT.pack(abi.KERNEL_VERSION, abi.KERNEL_MINOR, max_readahead, flags,
-                            16, 12, abi.MAX_WRITE, 1, abi.MAX_PAGES, 0, 0)
+                            16, 12, abi.MAX_WRITE, 1, abi.MAX_PAGES, 0, flags2)
     os.write(fd, abi.OUT_HEADER.pack(abi.OUT_HEADER_SIZE + len(out), 0, unique) + out)
     return minor, flags

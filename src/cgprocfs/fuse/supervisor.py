@@ -44,6 +44,7 @@ from cgprocfs.fuse.child import (
     ENV_LOADS_FD,
     ENV_LOG_LEVEL,
     ENV_READY_FD,
+    ENV_ROLE,
     ENV_SEAT,
     ENV_SUPERVISOR,
 )
@@ -61,7 +62,7 @@ SLOTS_PER_SEAT = 256
 @dataclass
 class Child:
     pid: int
-    role: str  # "worker" or "sampler"
+    role: str  # "worker", "ring" (a ring worker), "sampler" or "sysinfo"
     seat: int  # -1 for the sampler
     started: float = field(default_factory=time.monotonic)
     retiring: bool = False
@@ -82,8 +83,8 @@ class Connection:
         return [self.fuse_fd, self.arena.fd, self.loads_r, self.loads_w]
 
     @classmethod
-    def create(cls, fuse_fd: int, seats: int) -> Connection:
-        arena = Arena.create(seats, SLOTS_PER_SEAT)
+    def create(cls, fuse_fd: int, seats: int, ring_ents: int = 0) -> Connection:
+        arena = Arena.create(seats, SLOTS_PER_SEAT, ring_ents)
         r, w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         conn = cls(fuse_fd, arena, r.detach(), w.detach())
         for fd in conn.fds():
@@ -105,11 +106,12 @@ def crashed(status: int) -> bool:
 class Supervisor:
     def __init__(self, cfg: Config, conn: Connection, mountpoint: str, workers: int,
                  on_unmount: Callable[[], None], keep_mount: bool = False,
-                 debug_fuse: bool = False) -> None:
+                 debug_fuse: bool = False, ring_groups: int = 0) -> None:
         self.cfg = cfg
         self.conn = conn
         self.mountpoint = mountpoint
         self.workers = workers
+        self.ring_groups = ring_groups  # ring workers to run (0: /dev/fuse only)
         self.on_unmount = on_unmount
         self.keep_mount = keep_mount
         self.debug_fuse = debug_fuse
@@ -122,7 +124,7 @@ class Supervisor:
         self.stopping = False
 
     # ---- processes -------------------------------------------------------------------
-    def _env(self, seat: int, ready_fd: int) -> dict[str, str]:
+    def _env(self, seat: int, ready_fd: int, role: str = "worker") -> dict[str, str]:
         env = dict(os.environ)
         env.pop(ENV_TAKEOVER, None)
         for k in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET"):
@@ -136,12 +138,13 @@ class Supervisor:
             ENV_CONFIG: config_to_json(self.cfg),
             ENV_LOG_LEVEL: self.cfg.log_level,
             ENV_SUPERVISOR: str(os.getpid()),
+            ENV_ROLE: role,
         })
         if self.debug_fuse:
             env[ENV_DEBUG_FUSE] = "1"
         return env
 
-    def spawn(self, role: str, seat: int) -> Child:
+    def spawn(self, role: str, seat: int, group: int = -1) -> Child:
         """Start a worker, the sampler or the sysinfo agent; its ready pipe (one byte
         when it serves, EOF if it dies first) is in `ready_fd` until settled."""
         r, w = os.pipe()
@@ -150,9 +153,14 @@ class Supervisor:
             if role == "sysinfo":
                 pid = self._spawn_sysinfo(w)
             else:
-                module = "cgprocfs.fuse.worker" if role == "worker" else "cgprocfs.fuse.loads"
+                if role == "ring" and group >= 0:
+                    self.conn.arena.set_ring_group(seat, group)
+                elif role == "worker":
+                    self.conn.arena.set_ring_group(seat, -1)
+                module = ("cgprocfs.fuse.loads" if role == "sampler"
+                          else "cgprocfs.fuse.worker")
                 pid = os.posix_spawn(sys.executable, [sys.executable, "-m", module],
-                                     self._env(seat, w))
+                                     self._env(seat, w, role))
         finally:
             os.close(w)
         child = Child(pid, role, seat, ready_fd=r)
@@ -228,11 +236,19 @@ class Supervisor:
         taken = {c.seat for c in self.children.values()}  # a live process answers its own
         seats = {s for s in range(arena.layout.seats)
                  if arena.pending_length(s) and s not in taken}
+        ring_seats = {s for s in seats if 0 <= arena.ring_group(s) < self.ring_groups}
+        seats -= ring_seats
         serving = len([c for c in self.children.values()
                        if c.role == "worker" and not c.retiring])
         while serving + len(seats) < self.workers:
-            seats.add(self.free_seat(exclude=seats))
+            seats.add(self.free_seat(exclude=seats | ring_seats))
         started = [self.spawn("worker", s) for s in sorted(seats)]
+        started += [self.spawn("ring", s) for s in sorted(ring_seats)]
+        groups = {arena.ring_group(c.seat) for c in self.children.values()
+                  if c.role == "ring" and not c.retiring}
+        for group in range(self.ring_groups):
+            if group not in groups:
+                started.append(self.spawn("ring", self.free_seat(), group))
         roles = {c.role for c in self.children.values()}
         if "sampler" not in roles:
             started.append(self.spawn("sampler", -1))
@@ -246,8 +262,9 @@ class Supervisor:
         replacement is ready. Returns False (old ones keep serving) if one fails."""
         old = [c for c in self.children.values() if not c.retiring]
         for child in old:
-            seat = self.free_seat() if child.role == "worker" else child.seat
-            new = self.spawn(child.role, seat)
+            seat = self.free_seat() if child.role in ("worker", "ring") else child.seat
+            group = self.conn.arena.ring_group(child.seat) if child.role == "ring" else -1
+            new = self.spawn(child.role, seat, group)
             if not self.wait_ready(new):
                 log.error("reload: the new %s did not start; the running ones keep "
                           "serving", child.role)

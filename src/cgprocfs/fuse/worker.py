@@ -37,6 +37,7 @@ from cgprocfs.fuse.child import (
     ENV_DEBUG_FUSE,
     ENV_FUSE_FD,
     ENV_LOADS_FD,
+    ENV_ROLE,
     ENV_SEAT,
     die_with_supervisor,
     signal_ready,
@@ -472,7 +473,13 @@ def main() -> int:
     )
     die_with_supervisor()
     raise_fd_limit()  # before the resolver sizes its kept files by the limit
-    worker = Worker.from_environment()
+    worker: Worker
+    if os.environ.get(ENV_ROLE) == "ring":
+        from cgprocfs.fuse.ring_worker import RingWorker
+
+        worker = RingWorker.from_environment()
+    else:
+        worker = Worker.from_environment()
     # What was built so far (modules, the tree, the renderer) lives as long as the worker:
     # the collector's full passes need not walk it again and again.
     gc.freeze()

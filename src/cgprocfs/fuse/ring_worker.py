@@ -1,0 +1,266 @@
+"""A ring worker: a worker that takes its requests from FUSE-over-io_uring queues.
+
+With `io_uring = true`, the kernel queues each request on the ring queue of the CPU its
+caller runs on (one queue per possible CPU). Ring worker `g` of `G` registers one ring
+entry on every queue q with q % G == g and runs on those CPUs only, so a request is
+served on the CPU where its caller went to sleep: neither side needs a cross-CPU
+wake-up, which is what bounds a lone reader over /dev/fuse.
+
+Takeover works as for the other workers. The entries' buffers live in the arena, mapped
+at the same address in every process (Arena.ring_address), because the kernel keeps the
+address an entry registered with. A worker killed while holding a request leaves it in
+the buffers; its successor in the same seat answers it and commits it through its own
+ring, which makes the entry its own again. An entry whose worker died while waiting is
+cancelled by the kernel; the successor registers a new one, and then looks itself up in
+the mount from each of its CPUs: a request that arrived while its queue had no entry is
+handed over only when an entry of that queue commits, and this lookup makes one commit.
+
+What it does not cover (docs/operation.md): while a ring worker is stopped or stuck,
+requests from its CPUs wait for it (the /dev/fuse workers replace a stalled leader).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import signal
+import struct
+import threading
+
+from cgprocfs.fs import ViewsFS
+from cgprocfs.fuse import abi, uring
+from cgprocfs.fuse.arena import (
+    MAX_ATTEMPTS,
+    RING_ENT_SIZE,
+    RING_HEADER,
+    RING_META,
+    RING_META_FMT,
+    RING_PAYLOAD,
+    Arena,
+)
+from cgprocfs.fuse.child import ENV_CONFIG
+from cgprocfs.fuse.worker import Worker, _Stop, _Sweep, config_from_json
+from cgprocfs.kept import IDLE_S
+from cgprocfs.libc import mmap_at
+
+log = logging.getLogger("cgprocfs.ring")
+
+KICK_NAME = ".cgprocfs-ring-kick"
+# The size of each opcode's own header (the kernel's in_args[0]), which the kernel puts in
+# the entry's op_in; the rest of the request is in the payload buffer.
+OP_IN_SIZE = {abi.GETATTR: 16, abi.SETATTR: 88, abi.OPEN: 8, abi.OPENDIR: 8, abi.READ: 40,
+              abi.READDIR: 40, abi.RELEASE: 24, abi.RELEASEDIR: 24, abi.FLUSH: 24,
+              abi.ACCESS: 8}
+_IN_HEAD = struct.Struct("<IIQ")  # len opcode unique
+_UNIQUE = struct.Struct("<Q")
+_PAYLOAD_SZ = uring.HEADER_ENT_IN_OUT + 16  # fuse_uring_ent_in_out.payload_sz
+REGISTER, COMMIT = 0, 1
+
+
+def group_queues(group: int, groups: int) -> list[int]:
+    return [q for q in range(uring.possible_cpus()) if q % groups == group]
+
+
+class Entry:
+    """One ring entry: a header page and a payload buffer at a fixed address."""
+
+    def __init__(self, qid: int, base: int, view: memoryview) -> None:
+        self.qid = qid
+        self.header_addr = base
+        self.payload_addr = base + RING_HEADER
+        self.hdr = view[:RING_HEADER]
+        self.payload = view[RING_HEADER:RING_ENT_SIZE]
+        # The iovec pair the kernel reads at registration.
+        self.iov = (ctypes.c_uint64 * 4)(self.header_addr, uring.HEADER_SIZE,
+                                         self.payload_addr, RING_PAYLOAD)
+
+    @property
+    def answered(self) -> int:
+        return int(RING_META_FMT.unpack_from(self.hdr, RING_META)[0])
+
+    def set_answered(self, unique: int) -> None:
+        _UNIQUE.pack_into(self.hdr, RING_META, unique)
+
+    @property
+    def unique(self) -> int:
+        """The request in the buffers (0: none ever)."""
+        return int(_UNIQUE.unpack_from(self.hdr, 8)[0])
+
+
+class RingWorker(Worker):
+    def __init__(self, fuse_fd: int, arena: Arena, seat: int, fs: ViewsFS) -> None:
+        super().__init__(fuse_fd, arena, seat, fs)
+        self.group = arena.ring_group(seat)
+        self.queues = group_queues(self.group, max(1, arena.ring_groups))
+        self.mountpoint = config_from_json(os.environ[ENV_CONFIG]).mountpoint
+        self.entry: Entry | None = None  # the one whose request is being answered
+        self.ring: uring.Ring | None = None
+
+    # ---- set-up --------------------------------------------------------------------
+    def _map_entries(self) -> list[Entry]:
+        arena, seat = self.arena, self.seat
+        per_seat = arena.layout.ring_ents
+        if self.group < 0 or len(self.queues) > per_seat:
+            raise OSError(errno.ENOSPC, f"{len(self.queues)} queues for {per_seat} "
+                          "ring entries per seat")
+        size = per_seat * RING_ENT_SIZE
+        want = arena.ring_address(seat)
+        base = mmap_at(want, size, arena.fd, arena.ring_seat_off(seat))
+        if base != want:
+            raise OSError(errno.EEXIST, f"ring area mapped at {base:#x}, not {want:#x}")
+        view = memoryview((ctypes.c_char * size).from_address(base)).cast("B")
+        return [Entry(q, base + i * RING_ENT_SIZE,
+                      view[i * RING_ENT_SIZE:(i + 1) * RING_ENT_SIZE])
+                for i, q in enumerate(self.queues)]
+
+    def _pin(self) -> None:
+        """Run on our queues' CPUs (those online and allowed), so that a request and its
+        caller share a CPU."""
+        cpus = set(self.queues) & os.sched_getaffinity(0)
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    def _kick(self) -> None:
+        """A lookup from each of our CPUs: it goes through our entry there, and its
+        commit hands over whatever waited for an entry while this queue had none."""
+        def look(cpu: int) -> None:
+            try:
+                os.sched_setaffinity(0, {cpu})
+                os.stat(os.path.join(self.mountpoint, KICK_NAME))
+            except OSError:
+                pass  # ENOENT, the answer expected
+
+        for cpu in set(self.queues) & os.sched_getaffinity(0):
+            threading.Thread(target=look, args=(cpu,), daemon=True).start()
+
+    # ---- requests ------------------------------------------------------------------
+    def _take(self, ent: Entry) -> None:
+        """Copy the request in `ent` into our seat, laid out as read from /dev/fuse, and
+        answer it (the reply goes to the entry's buffers, see _reply)."""
+        hdr, buf = ent.hdr, self.buf
+        _len, opcode, _unique = _IN_HEAD.unpack_from(hdr, 0)
+        payload_sz = int(struct.unpack_from("<I", hdr, _PAYLOAD_SZ)[0])
+        oplen = OP_IN_SIZE.get(opcode, 0)
+        end = abi.IN_HEADER_SIZE + oplen + payload_sz
+        if end > len(buf):
+            payload_sz = len(buf) - abi.IN_HEADER_SIZE - oplen
+            end = len(buf)
+        buf[:abi.IN_HEADER_SIZE] = hdr[:abi.IN_HEADER_SIZE]
+        buf[abi.IN_HEADER_SIZE:abi.IN_HEADER_SIZE + oplen] = \
+            hdr[uring.HEADER_OP_IN:uring.HEADER_OP_IN + oplen]
+        buf[abi.IN_HEADER_SIZE + oplen:end] = ent.payload[:payload_sz]
+        struct.pack_into("<I", buf, 0, end)
+        self.entry = ent
+        try:
+            self.handle()
+        finally:
+            self.entry = None
+
+    def _reply(self, unique: int, err: int, payload: bytes, opcode: int, nodeid: int) -> None:
+        ent = self.entry
+        if ent is None:  # not a ring request (none should come here)
+            super()._reply(unique, err, payload, opcode, nodeid)
+            return
+        n = len(payload)
+        ent.payload[:n] = payload
+        abi.OUT_HEADER.pack_into(ent.hdr, 0, abi.OUT_HEADER_SIZE + n, err, unique)
+        struct.pack_into("<I", ent.hdr, _PAYLOAD_SZ, n)
+        ent.set_answered(unique)
+        self._commit(ent, unique)
+
+    def _commit(self, ent: Entry, unique: int) -> None:
+        assert self.ring is not None
+        self.ring.uring_cmd(self.fd, uring.FUSE_IO_URING_CMD_COMMIT_AND_FETCH, 0, 0,
+                            ent.qid << 1 | COMMIT, uring.cmd_req(ent.qid, unique))
+
+    def _register(self, ent: Entry) -> None:
+        assert self.ring is not None
+        self.ring.uring_cmd(self.fd, uring.FUSE_IO_URING_CMD_REGISTER,
+                            ctypes.addressof(ent.iov), 2, ent.qid << 1 | REGISTER,
+                            uring.cmd_req(ent.qid))
+
+    def _recover(self, ent: Entry) -> None:
+        """Resume an entry of our seat: answer the request a predecessor left in it,
+        commit an answer it left uncommitted, or register the entry afresh (a commit the
+        kernel no longer expects fails with ENOENT and registers then)."""
+        unique = ent.unique
+        if not unique:
+            self._register(ent)
+        elif ent.answered == unique:
+            self._commit(ent, unique)
+        elif self.arena.pending_length(self.seat) and \
+                self.arena.attempts(self.seat) >= MAX_ATTEMPTS:
+            log.error("request %d crashed %d workers; answering EIO", unique,
+                      self.arena.attempts(self.seat))
+            self.arena.add_poisoned()
+            self.entry = ent
+            self._reply(unique, -errno.EIO, b"", 0, 0)
+            self.entry = None
+            self.arena.clear_seat(self.seat)
+            self.arena.reset_attempts(self.seat)
+        else:
+            log.warning("answering request %d left in ring entry %d by a previous worker",
+                        unique, ent.qid)
+            self._take(ent)
+            self.arena.reset_attempts(self.seat)
+
+    # ---- the loop ------------------------------------------------------------------
+    def serve(self) -> None:
+        try:
+            entries = self._map_entries()
+            self.ring = uring.Ring(entries=max(2, 2 * len(entries)))
+        except OSError as exc:
+            log.error("ring worker %d cannot use io_uring (%s); serving /dev/fuse instead",
+                      self.group, exc)
+            super().serve()
+            return
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGALRM, self._on_idle_timer)
+        signal.setitimer(signal.ITIMER_REAL, IDLE_S, IDLE_S)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self._pin()
+        by_qid = {e.qid: e for e in entries}
+        for ent in entries:
+            self._recover(ent)
+        ring = self.ring
+        try:
+            ring.enter(0)  # the registrations (they complete when requests come)
+        except OSError as exc:
+            log.error("ring worker %d: io_uring_enter: %s", self.group, exc)
+            return
+        self._kick()
+        while not self.stopping:
+            try:
+                self.in_read = self.in_fuse_read = True
+                ring.enter(1)
+            except _Stop:
+                break
+            except _Sweep:
+                self.in_read = self.in_fuse_read = False
+                self.fs.renderer.resolver.files.close_idle()
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EINTR, errno.EAGAIN, errno.EBUSY):
+                    continue
+                raise
+            finally:
+                self.in_read = self.in_fuse_read = False
+            while (done := ring.completion()) is not None:
+                user_data, res = done
+                ent = by_qid[user_data >> 1]
+                if res >= 0:
+                    self._take(ent)
+                elif res == -errno.ENOENT and user_data & 1 == COMMIT:
+                    # A commit of a request the kernel no longer expects (answered
+                    # before our predecessor died, or interrupted): start afresh.
+                    self._register(ent)
+                elif res in (-errno.ENOTCONN, -errno.ECONNABORTED, -errno.ENODEV):
+                    log.info("the mount is gone; ring worker %d exits", self.group)
+                    return
+                else:
+                    log.error("ring entry %d: %s; registering it again", ent.qid,
+                              os.strerror(-res))
+                    self._register(ent)
+
