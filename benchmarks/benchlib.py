@@ -554,7 +554,8 @@ def _git(*args: str) -> str:
 
 
 def make_target(name: str, workdir: Path, lxcfs_bin: str | None = None,
-                cgprocfs_cmd: str | None = None, cgprocfs_rev: str = "HEAD") -> Target:
+                cgprocfs_cmd: str | None = None, cgprocfs_rev: str = "HEAD",
+                io_uring: bool = False) -> Target:
     """kernel: no daemon. lxcfs: `lxcfs -f -l --enable-cfs -p <pidfile>` (-l: loadavg;
     --enable-cfs: the CPU views follow the CFS quota, without it LXCFS shows every CPU of
     the cpuset). cgprocfs: `python -m cgprocfs serve` from the committed tree at
@@ -593,8 +594,11 @@ def make_target(name: str, workdir: Path, lxcfs_bin: str | None = None,
             version = f"git {sha[:12]} (src/ last changed in {src})"
         # The daemon is interpreter-bound: which build runs it matters (docs/benchmarks.md).
         version += f"; Python {platform.python_version()} ({os.path.realpath(PYTHON)})"
-        return Target("cgprocfs", version=version, cmd=[PYTHON, "-m", "cgprocfs", "serve"],
-                      env=env)
+        cmd = [PYTHON, "-m", "cgprocfs", "serve"]
+        if io_uring:
+            cmd.append("--io-uring")
+            version += "; --io-uring"
+        return Target("cgprocfs", version=version, cmd=cmd, env=env)
     raise SystemExit(f"unknown target {name!r} (known: {', '.join(ALL_TARGETS)})")
 
 
@@ -621,6 +625,8 @@ def add_run_args(ap: argparse.ArgumentParser, kind: str) -> None:
                     "or 'worktree' for the working tree")
     ap.add_argument("--cgprocfs-cmd", default=None,
                     help="explicit daemon command instead; the mountpoint is appended")
+    ap.add_argument("--io-uring", action="store_true",
+                    help="run cgprocfs with --io-uring (FUSE over io_uring, Linux 6.14+)")
 
 
 def start_targets(names: list[str], workdir: Path, out: Path, skipped: list[str],
@@ -628,7 +634,7 @@ def start_targets(names: list[str], workdir: Path, out: Path, skipped: list[str]
     """Start each of `names` (as `args`' --lxcfs-bin, --cgprocfs-rev, --cgprocfs-cmd say);
     one that cannot start is reported loudly, added to `skipped` and left out."""
     kw = {"lxcfs_bin": args.lxcfs_bin, "cgprocfs_cmd": args.cgprocfs_cmd,
-          "cgprocfs_rev": args.cgprocfs_rev}
+          "cgprocfs_rev": args.cgprocfs_rev, "io_uring": args.io_uring}
     targets = []
     for name in names:
         try:

@@ -46,6 +46,10 @@ def status(mountpoint: str) -> int:
         served = [n for n in doc.get("opens_by_seat", []) if n]
         print(f"leading worker: pid {leader['pid']} (seat {leader['seat']}); "
               f"opens served per worker seat: {served}")
+    ring = doc.get("io_uring") or {}
+    if ring.get("groups"):
+        print(f"FUSE over io_uring: {ring['groups']} ring workers, each serving the "
+              "requests of its share of the CPUs")
     return 0
 
 

@@ -386,6 +386,12 @@ class ViewsFS:
             "leader": dict(zip(("seat", "pid"), self.arena.leader(), strict=True)),
             "opens_by_seat": [self.arena.counters(s)[0]
                               for s in range(self.arena.layout.seats)],
+            # FUSE over io_uring: how many ring workers, and the group each seat serves.
+            "io_uring": {
+                "groups": self.arena.ring_groups,
+                "seats": {str(s): g for s in range(self.arena.layout.seats)
+                          if (g := self.arena.ring_group(s)) >= 0},
+            },
         }
         return (json.dumps(doc, indent=1) + "\n").encode()
 
