@@ -75,6 +75,11 @@ def doctor(mountpoint: str) -> int:
         except OSError as exc:
             good &= _check(False, f"/dev/fuse opens read-write ({exc.strerror})",
                            "run as root; in a container run privileged or allow the device")
+    from cgprocfs.fuse import uring
+
+    problem = uring.unavailable(turn_on=False)
+    _check(True, "FUSE over io_uring (serve --io-uring): "
+           + (f"not available: {problem}" if problem else "available"))
     layout = load_layout()
     _check(bool(layout.hierarchies), f"cgroups: {layout.describe()}")
     for controller, fix in (("memory", "boot with cgroup_enable=memory"),

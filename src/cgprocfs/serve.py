@@ -160,9 +160,7 @@ def serve(opts: ServeOptions) -> int:
     mountpoint = cfg.mountpoint
     views = select_views(cfg)
     workers = worker_count()
-    ring_groups = ring_worker_count(cfg)
-    if ring_groups:
-        workers = 2  # they serve only what comes before the ring is ready, and FORGETs
+    ring_groups = 0
     state = sv.takeover_state()
     stored = sv.listen_fds()
     keep_mount = False
@@ -180,6 +178,9 @@ def serve(opts: ServeOptions) -> int:
         keep_mount = True
     else:
         prepare_mountpoint(mountpoint)
+        ring_groups = ring_worker_count(cfg)
+        if ring_groups:
+            workers = 2  # they serve what comes before the ring is ready, and FORGETs
         try:
             fuse_fd = mount_fuse(mountpoint, FSNAME, FSNAME)
         except (MountError, OSError) as exc:
@@ -209,7 +210,14 @@ def serve(opts: ServeOptions) -> int:
 
     if conn.arena.ring_groups and not conn.arena.layout.ring_ents:
         conn.arena.set_ring_groups(0)  # taken over from a build without ring areas
-    ring_groups = conn.arena.ring_groups  # a taken-over mount keeps what it started with
+    # A taken-over mount keeps the transport it started with (the kernel cannot turn a
+    # connection's ring off, and a ring without its workers would hold requests).
+    ring_groups = conn.arena.ring_groups
+    if ring_groups:
+        workers = 2
+    if bool(ring_groups) != cfg.io_uring and (state is not None or keep_mount):
+        log.warning("io_uring = %s takes effect at the next start of the service, not at a "
+                    "reload", "true" if cfg.io_uring else "false")
     sup = sv.Supervisor(cfg, conn, mountpoint, workers, unmount, keep_mount=keep_mount,
                         debug_fuse=opts.debug_fuse, ring_groups=ring_groups)
     if opts.sysinfo:

@@ -177,3 +177,26 @@ def test_sigkill_every_serving_process_20_times_under_load(ring_kernel: None,
     assert cancelled <= kills // 5, cancelled
     stall = assert_clean(results, kills=kills)
     assert stall < 60
+
+
+def test_reload_replaces_the_ring_workers_under_load(ring_kernel: None,
+                                                     tmp_path: Path) -> None:
+    """SIGHUP three times while 8 readers read: the supervisor re-executes itself and
+    replaces every worker, ring workers included (a new one registers before the old one
+    drains and exits). No reader is left waiting; no read fails but, at most, one handed
+    to a retiring ring worker in the instant before its exit (ECANCELED)."""
+    with running_daemon(["--io-uring"]) as d, readers(d, tmp_path) as results:
+        for round_ in range(1, 4):
+            old = set(ring_workers(d))
+            os.kill(d.proc.pid, signal.SIGHUP)
+            assert wait_for(lambda n=round_: d.log().count("reload: every worker replaced")
+                            >= n, 60), d.log()
+            assert wait_for(lambda o=old: not (o & set(ring_workers(d)))), d.log()
+            time.sleep(0.5)  # readers keep reading on the new ring workers
+        groups = status(d)["io_uring"]["groups"]
+        assert len(ring_workers(d)) == groups
+    cancelled = sum(r["errors"].pop("ECANCELED", 0) for r in results)
+    if cancelled:
+        print(f"\n{cancelled} ECANCELED in 3 reloads ({3 * groups} ring workers retired)")
+    assert cancelled <= 3 * groups, cancelled
+    assert_clean(results)

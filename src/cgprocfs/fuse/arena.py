@@ -248,8 +248,17 @@ class Arena:
         return int(_U32.unpack_from(self.mem, off)[0]) - 1
 
     def set_ring_group(self, seat: int, group: int) -> None:
-        if self.layout.ring_ents:
-            _U32.pack_into(self.mem, self.ring_seat_off(seat) + RING_META + 8, group + 1)
+        """Make `seat` a ring seat of `group` (-1: not a ring seat). A seat that served
+        another group before forgets its entries' requests: they were another queue's,
+        and no successor of this seat is to take them."""
+        if not self.layout.ring_ents or self.ring_group(seat) == group:
+            return
+        base = self.ring_seat_off(seat)
+        for i in range(self.layout.ring_ents):
+            off = base + i * RING_ENT_SIZE
+            self.mem[off:off + 16] = bytes(16)  # the in/out header: no request
+            self.mem[off + RING_META:off + RING_META + 8] = bytes(8)
+        _U32.pack_into(self.mem, base + RING_META + 8, group + 1)
 
     # ---- header fields -------------------------------------------------------------
     def _header(self) -> tuple[object, ...]:

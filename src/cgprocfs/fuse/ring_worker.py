@@ -226,7 +226,7 @@ class RingWorker(Worker):
             self._recover(ent)
         ring = self.ring
         try:
-            ring.enter(0)  # the registrations (they complete when requests come)
+            ring.enter(0, events=False)  # the registrations (complete when requests come)
         except OSError as exc:
             log.error("ring worker %d: io_uring_enter: %s", self.group, exc)
             return
@@ -247,20 +247,51 @@ class RingWorker(Worker):
                 raise
             finally:
                 self.in_read = self.in_fuse_read = False
-            while (done := ring.completion()) is not None:
-                user_data, res = done
-                ent = by_qid[user_data >> 1]
-                if res >= 0:
-                    self._take(ent)
-                elif res == -errno.ENOENT and user_data & 1 == COMMIT:
-                    # A commit of a request the kernel no longer expects (answered
-                    # before our predecessor died, or interrupted): start afresh.
-                    self._register(ent)
-                elif res in (-errno.ENOTCONN, -errno.ECONNABORTED, -errno.ENODEV):
-                    log.info("the mount is gone; ring worker %d exits", self.group)
-                    return
-                else:
-                    log.error("ring entry %d: %s; registering it again", ent.qid,
-                              os.strerror(-res))
-                    self._register(ent)
+            if not self._completions(by_qid):
+                return
+        self._drain(by_qid)
+
+    def _completions(self, by_qid: dict[int, Entry]) -> bool:
+        """Answer every request the ring has for us; False: the mount is gone."""
+        assert self.ring is not None
+        while (done := self.ring.completion()) is not None:
+            user_data, res = done
+            ent = by_qid[user_data >> 1]
+            if res >= 0:
+                self._take(ent)
+            elif res == -errno.ENOENT and user_data & 1 == COMMIT:
+                # A commit of a request the kernel no longer expects (answered before
+                # our predecessor died, or interrupted): start afresh.
+                self._register(ent)
+            elif res in (-errno.ENOTCONN, -errno.ECONNABORTED, -errno.ENODEV):
+                log.info("the mount is gone; ring worker %d exits", self.group)
+                return False
+            else:
+                log.error("ring entry %d: %s; registering it again", ent.qid,
+                          os.strerror(-res))
+                self._register(ent)
+        return True
+
+    def _drain(self, by_qid: dict[int, Entry]) -> None:
+        """Stopping (SIGTERM: a reload or a shutdown). Commit what was answered, and
+        answer what the kernel handed us meanwhile, until nothing more comes; then exit
+        at once. A request handed to an entry of ours after that, in the moment before
+        the kernel cancels them at our exit, fails (ECANCELED, docs/operation.md)."""
+        assert self.ring is not None
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for _ in range(1000):
+            try:
+                self.ring.enter(0)
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                break
+            if self.ring.completion_ready():
+                if not self._completions(by_qid):
+                    break
+            else:
+                break
+        logging.shutdown()
+        os._exit(0)
 

@@ -77,10 +77,11 @@ class Params(ctypes.Structure):
     ]
 
 
-def unavailable() -> str | None:
-    """Why this kernel cannot serve FUSE over io_uring (None: it can). Turns the fuse
-    module's enable_uring parameter on if it is off: it only lets a daemon ask for it
-    (in INIT, then by registering ring entries); other FUSE daemons are not affected."""
+def unavailable(turn_on: bool = True) -> str | None:
+    """Why this kernel cannot serve FUSE over io_uring (None: it can). With `turn_on`,
+    turns the fuse module's enable_uring parameter on if it is off: it only lets a daemon
+    ask for it (in INIT, then by registering ring entries); other daemons are not
+    affected."""
     if SYS_IO_URING_SETUP is None:
         return f"io_uring system call numbers unknown on {platform.machine()}"
     try:
@@ -95,6 +96,8 @@ def unavailable() -> str | None:
                 return "io_uring is disabled (sysctl kernel.io_uring_disabled)"
     except OSError:
         pass
+    if not enabled and not turn_on:
+        return None
     if not enabled:
         try:
             with open(ENABLE_PARAM, "w") as f:
@@ -178,9 +181,10 @@ class Ring:
         # x86; on arm64 the syscall below is a full barrier before the kernel looks).
         _U32.pack_into(self.sq, self.sq_tail_off, self.sq_tail)
 
-    def enter(self, wait: int) -> None:
-        """Submit what is queued and wait until `wait` completions are there."""
-        flags = IORING_ENTER_GETEVENTS if wait else 0
+    def enter(self, wait: int, events: bool = True) -> None:
+        """Submit what is queued and wait until `wait` completions are there (with
+        `events`, completions waiting to be posted are posted even if `wait` is 0)."""
+        flags = IORING_ENTER_GETEVENTS if events else 0
         # What the kernel has not taken yet, from its own head: a count kept here would
         # be wrong after a signal handler raised between the call and its update (and
         # the kernel does not wait when it submits fewer than asked).
@@ -189,6 +193,9 @@ class Ring:
         if ret < 0:
             e = ctypes.get_errno()
             raise UringError(e, f"io_uring_enter: {os.strerror(e)}")
+
+    def completion_ready(self) -> bool:
+        return bool(_U32.unpack_from(self.cq, self.cq_tail_off)[0] != self.cq_head)
 
     def completion(self) -> tuple[int, int] | None:
         """The next completion (user_data, result), or None."""
