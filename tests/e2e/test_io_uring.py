@@ -182,9 +182,9 @@ def test_sigkill_every_serving_process_20_times_under_load(ring_kernel: None,
 def test_reload_replaces_the_ring_workers_under_load(ring_kernel: None,
                                                      tmp_path: Path) -> None:
     """SIGHUP three times while 8 readers read: the supervisor re-executes itself and
-    replaces every worker, ring workers included (a new one registers before the old one
-    drains and exits). No reader is left waiting; no read fails but, at most, one handed
-    to a retiring ring worker in the instant before its exit (ECANCELED)."""
+    replaces every worker. Each new ring worker takes its predecessor's seat; the old one
+    leaves its entries holding lookups of its own and exits once the new one has taken
+    them over. No read fails, no reader is left waiting."""
     with running_daemon(["--io-uring"]) as d, readers(d, tmp_path) as results:
         for round_ in range(1, 4):
             old = set(ring_workers(d))
@@ -195,8 +195,6 @@ def test_reload_replaces_the_ring_workers_under_load(ring_kernel: None,
             time.sleep(0.5)  # readers keep reading on the new ring workers
         groups = status(d)["io_uring"]["groups"]
         assert len(ring_workers(d)) == groups
-    cancelled = sum(r["errors"].pop("ECANCELED", 0) for r in results)
-    if cancelled:
-        print(f"\n{cancelled} ECANCELED in 3 reloads ({3 * groups} ring workers retired)")
-    assert cancelled <= 3 * groups, cancelled
-    assert_clean(results)
+        assert "did not hand over" not in d.log() and "entries parked" not in d.log()
+    stall = assert_clean(results)
+    assert stall < 60

@@ -106,6 +106,11 @@ RING_ENT_SIZE = RING_HEADER + RING_PAYLOAD
 RING_META = 2048  # in an entry's header page, after what the kernel writes: our own fields
 RING_META_FMT = struct.Struct("<QI")  # the unique answered in the buffers, group + 1
 RING_BASE = 0x5A0000000000  # where seat 0's ring area is mapped in every worker
+# A ring seat's handover (a reload): the supervisor asks, the old worker parks its
+# entries and says so, the new one in the same seat takes them over.
+HANDOVER_ASKED = 1
+HANDOVER_PARKED = 2
+_HANDOVER = RING_META + 12
 
 
 @dataclass(frozen=True)
@@ -259,6 +264,15 @@ class Arena:
             self.mem[off:off + 16] = bytes(16)  # the in/out header: no request
             self.mem[off + RING_META:off + RING_META + 8] = bytes(8)
         _U32.pack_into(self.mem, base + RING_META + 8, group + 1)
+
+    def ring_handover(self, seat: int) -> int:
+        if not self.layout.ring_ents:
+            return 0
+        return int(_U32.unpack_from(self.mem, self.ring_seat_off(seat) + _HANDOVER)[0])
+
+    def set_ring_handover(self, seat: int, state: int) -> None:
+        if self.layout.ring_ents:
+            _U32.pack_into(self.mem, self.ring_seat_off(seat) + _HANDOVER, state)
 
     # ---- header fields -------------------------------------------------------------
     def _header(self) -> tuple[object, ...]:

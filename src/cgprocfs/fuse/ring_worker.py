@@ -21,6 +21,7 @@ requests from its CPUs wait for it (the /dev/fuse workers replace a stalled lead
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -28,10 +29,13 @@ import os
 import signal
 import struct
 import threading
+import time
 
 from cgprocfs.fs import ViewsFS
 from cgprocfs.fuse import abi, uring
 from cgprocfs.fuse.arena import (
+    HANDOVER_ASKED,
+    HANDOVER_PARKED,
     MAX_ATTEMPTS,
     RING_ENT_SIZE,
     RING_HEADER,
@@ -57,6 +61,7 @@ _IN_HEAD = struct.Struct("<IIQ")  # len opcode unique
 _UNIQUE = struct.Struct("<Q")
 _PAYLOAD_SZ = uring.HEADER_ENT_IN_OUT + 16  # fuse_uring_ent_in_out.payload_sz
 REGISTER, COMMIT = 0, 1
+HANDOVER_WAIT_S = 10.0
 
 
 def group_queues(group: int, groups: int) -> list[int]:
@@ -201,8 +206,10 @@ class RingWorker(Worker):
             self.arena.clear_seat(self.seat)
             self.arena.reset_attempts(self.seat)
         else:
-            log.warning("answering request %d left in ring entry %d by a previous worker",
-                        unique, ent.qid)
+            parked = bytes(ent.payload[:len(KICK_NAME)]) == KICK_NAME.encode()
+            log.log(logging.DEBUG if parked else logging.WARNING,
+                    "answering request %d left in ring entry %d by a previous worker%s",
+                    unique, ent.qid, " (parked for us)" if parked else "")
             self._take(ent)
             self.arena.reset_attempts(self.seat)
 
@@ -217,9 +224,10 @@ class RingWorker(Worker):
             super().serve()
             return
         signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self._await_handover()
         signal.signal(signal.SIGALRM, self._on_idle_timer)
         signal.setitimer(signal.ITIMER_REAL, IDLE_S, IDLE_S)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
         self._pin()
         by_qid = {e.qid: e for e in entries}
         for ent in entries:
@@ -272,6 +280,73 @@ class RingWorker(Worker):
                 self._register(ent)
         return True
 
+    def _await_handover(self) -> None:
+        """A reload started us in the seat of a running ring worker: wait until it has
+        parked its entries (see _park_for_successor), then take them over."""
+        if self.arena.ring_handover(self.seat) != HANDOVER_ASKED:
+            return
+        deadline = time.monotonic() + HANDOVER_WAIT_S
+        while self.arena.ring_handover(self.seat) == HANDOVER_ASKED \
+                and time.monotonic() < deadline and not self.stopping:
+            time.sleep(0.001)
+        if self.arena.ring_handover(self.seat) == HANDOVER_ASKED:
+            log.warning("ring worker %d: the previous one did not hand over within %.0f s; "
+                        "taking the seat as it is", self.group, HANDOVER_WAIT_S)
+        self.arena.set_ring_handover(self.seat, 0)
+
+    def _park_for_successor(self, by_qid: dict[int, Entry]) -> None:
+        """Retire for a successor in this seat (a reload). An entry of ours that is free
+        when we exit is cancelled by the kernel, and a request handed to it in that
+        instant fails; so first each entry is made to hold a request of our own, a lookup
+        of KICK_NAME from a thread on its CPU, left unanswered. Then the kernel hands us
+        nothing more, requests from our CPUs wait in its queues, and the successor
+        answers our lookups (our exit waits for that) and carries on."""
+        assert self.ring is not None
+        tids: set[int] = set()
+        on_cpus = [q for q in by_qid if q in os.sched_getaffinity(0)]
+        for cpu in on_cpus:
+            def look(cpu: int = cpu) -> None:
+                tids.add(threading.get_native_id())
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(0, {cpu})
+                    os.stat(os.path.join(self.mountpoint, KICK_NAME))
+
+            threading.Thread(target=look, daemon=True).start()
+        held: set[int] = set()
+        deadline = time.monotonic() + HANDOVER_WAIT_S / 2
+        while len(held) < len(on_cpus) and time.monotonic() < deadline:
+            try:
+                self.ring.enter(0)
+            except OSError as exc:
+                if exc.errno != errno.EINTR:
+                    break
+            if not self.ring.completion_ready():
+                time.sleep(0.0002)
+                continue
+            while (done := self.ring.completion()) is not None:
+                user_data, res = done
+                ent = by_qid[user_data >> 1]
+                if res >= 0 and self._is_own_kick(ent, tids):
+                    held.add(ent.qid)  # left unanswered: the successor answers it
+                elif res >= 0:
+                    self._take(ent)
+                elif res in (-errno.ENOTCONN, -errno.ECONNABORTED, -errno.ENODEV):
+                    return
+                elif user_data & 1 == COMMIT:
+                    self._register(ent)
+        with contextlib.suppress(OSError):
+            self.ring.enter(0, events=False)  # commits still queued (a deadline passed)
+        if len(held) < len(on_cpus):
+            log.warning("ring worker %d: %d of %d entries parked for the successor",
+                        self.group, len(held), len(on_cpus))
+        self.arena.set_ring_handover(self.seat, HANDOVER_PARKED)
+
+    @staticmethod
+    def _is_own_kick(ent: Entry, tids: set[int]) -> bool:
+        _len, opcode, _unique, _node, _uid, _gid, pid, *_ = abi.IN_HEADER.unpack_from(ent.hdr)
+        return opcode == abi.LOOKUP and pid in tids and \
+            bytes(ent.payload[:len(KICK_NAME)]) == KICK_NAME.encode()
+
     def _drain(self, by_qid: dict[int, Entry]) -> None:
         """Stopping (SIGTERM: a reload or a shutdown). Commit what was answered, and
         answer what the kernel handed us meanwhile, until nothing more comes; then exit
@@ -292,6 +367,8 @@ class RingWorker(Worker):
                     break
             else:
                 break
+        if self.arena.ring_handover(self.seat) == HANDOVER_ASKED:
+            self._park_for_successor(by_qid)
         logging.shutdown()
         os._exit(0)
 

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cgprocfs.config import Config
-from cgprocfs.fuse.arena import Arena
+from cgprocfs.fuse.arena import HANDOVER_ASKED, Arena
 from cgprocfs.fuse.child import (
     ENV_ARENA_FD,
     ENV_CONFIG,
@@ -261,13 +261,20 @@ class Supervisor:
         """The rolling part of a reload: each old process is retired only after its
         replacement is ready. Returns False (old ones keep serving) if one fails."""
         old = [c for c in self.children.values() if not c.retiring]
+        arena = self.conn.arena
         for child in old:
-            seat = self.free_seat() if child.role in ("worker", "ring") else child.seat
-            group = self.conn.arena.ring_group(child.seat) if child.role == "ring" else -1
-            new = self.spawn(child.role, seat, group)
+            seat = self.free_seat() if child.role == "worker" else child.seat
+            if child.role == "ring":
+                # A ring worker's successor takes its seat: the old one leaves each of its
+                # ring entries holding a request of its own, so the kernel hands it
+                # nothing more, and the new one takes the entries over (ring_worker.py).
+                arena.set_ring_handover(seat, HANDOVER_ASKED)
+            new = self.spawn(child.role, seat)
             if not self.wait_ready(new):
                 log.error("reload: the new %s did not start; the running ones keep "
                           "serving", child.role)
+                if child.role == "ring":
+                    arena.set_ring_handover(seat, 0)
                 new.retiring = True
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(new.pid, signal.SIGKILL)
@@ -296,7 +303,8 @@ class Supervisor:
                 self.conn.arena.set_leader(-1, 0)
                 self.conn.arena.wake_one()
             pending = child.seat >= 0 and self.conn.arena.pending_length(child.seat)
-            if self.stopping or (child.retiring and not pending):
+            successor = any(c.seat == child.seat for c in self.children.values())
+            if self.stopping or (child.retiring and (not pending or successor)):
                 continue
             how = (f"signal {-os.waitstatus_to_exitcode(status)}"
                    if os.WIFSIGNALED(status) else f"status {os.waitstatus_to_exitcode(status)}")
