@@ -144,6 +144,31 @@ def test_a_request_held_by_a_crashing_ring_worker_is_taken_over(ring_kernel: Non
         assert d.proc.poll() is None
 
 
+def test_a_ring_worker_killed_halfway_through_its_reply_is_taken_over(
+        ring_kernel: None, tmp_path: Path) -> None:
+    """A ring worker writes its reply's header over the OPEN in its ring entry and is
+    SIGKILLed before the answer is complete. Its successor answers the OPEN again from
+    the copy in the seat (the entry no longer says it was an OPEN): the reader gets its
+    own numbers, and later opens still reach the daemon."""
+    marker = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": FAULTS, "FAULT_KIND": "ring_kill_in_reply",
+           "FAULT_MARKER": str(marker)}
+    with running_daemon(["--io-uring"], env=env) as d, make_container(160 << 20) as ct:
+        cpu = cpus()[0]
+        out = run_in_container(ct, d.mountpoint,
+                               ["taskset", "-c", str(cpu), "cat", "/proc/meminfo"])
+        assert marker.exists(), d.log()
+        assert meminfo_kb(out)["MemTotal"] == 160 << 10, out
+        assert "left in ring entry" in d.log()
+        before = status(d)["opens"]
+        for _ in range(3):
+            out = run_in_container(ct, d.mountpoint,
+                                   ["taskset", "-c", str(cpu), "cat", "/proc/meminfo"])
+            assert meminfo_kb(out)["MemTotal"] == 160 << 10, out
+        assert status(d)["opens"] >= before + 3  # OPEN is still sent (not ENOSYS'd)
+        assert status(d)["errors"] == 0
+
+
 def test_sigkill_every_serving_process_20_times_under_load(ring_kernel: None,
                                                             tmp_path: Path) -> None:
     """The takeover test of the /dev/fuse workers, on the ring: 8 readers in 4 cgroups,

@@ -51,7 +51,9 @@ from cgprocfs.libc import mmap_at
 
 log = logging.getLogger("cgprocfs.ring")
 
-KICK_NAME = ".cgprocfs-ring-kick"
+# Looked up (it does not exist) from each CPU: a name per CPU, because the kernel lets
+# only one lookup of a name in a directory run at a time (d_alloc_parallel).
+KICK_PREFIX = ".cgprocfs-ring-kick-"
 # The size of each opcode's own header (the kernel's in_args[0]), which the kernel puts in
 # the entry's op_in; the rest of the request is in the payload buffer.
 OP_IN_SIZE = {abi.GETATTR: 16, abi.SETATTR: 88, abi.OPEN: 8, abi.OPENDIR: 8, abi.READ: 40,
@@ -62,6 +64,13 @@ _UNIQUE = struct.Struct("<Q")
 _PAYLOAD_SZ = uring.HEADER_ENT_IN_OUT + 16  # fuse_uring_ent_in_out.payload_sz
 REGISTER, COMMIT = 0, 1
 HANDOVER_WAIT_S = 10.0
+MAX_FAILURES = 10  # then the worker exits, and the supervisor starts another
+
+
+def _is_kick(ent: Entry) -> bool:
+    """The entry holds a lookup of one of our kick names (a request just delivered: the
+    name is the payload)."""
+    return bytes(ent.payload[:len(KICK_PREFIX)]) == KICK_PREFIX.encode()
 
 
 def group_queues(group: int, groups: int) -> list[int]:
@@ -102,6 +111,7 @@ class RingWorker(Worker):
         self.mountpoint = config_from_json(os.environ[ENV_CONFIG]).mountpoint
         self.entry: Entry | None = None  # the one whose request is being answered
         self.ring: uring.Ring | None = None
+        self.failures = 0  # ring entries that failed in a row (not ENOENT)
 
     # ---- set-up --------------------------------------------------------------------
     def _map_entries(self) -> list[Entry]:
@@ -133,7 +143,7 @@ class RingWorker(Worker):
         def look(cpu: int) -> None:
             try:
                 os.sched_setaffinity(0, {cpu})
-                os.stat(os.path.join(self.mountpoint, KICK_NAME))
+                os.stat(os.path.join(self.mountpoint, f"{KICK_PREFIX}{cpu}"))
             except OSError:
                 pass  # ENOENT, the answer expected
 
@@ -187,31 +197,43 @@ class RingWorker(Worker):
                             uring.cmd_req(ent.qid))
 
     def _recover(self, ent: Entry) -> None:
-        """Resume an entry of our seat: answer the request a predecessor left in it,
-        commit an answer it left uncommitted, or register the entry afresh (a commit the
-        kernel no longer expects fails with ENOENT and registers then)."""
+        """Resume an entry of our seat: commit an answer a predecessor wrote but may not
+        have committed, answer a request it was answering (from the copy in the seat: the
+        entry's own buffers may be half overwritten by its reply), answer one the kernel
+        had handed it, or register the entry afresh. A commit the kernel no longer
+        expects fails with ENOENT, and the entry is registered then."""
         unique = ent.unique
+        arena, seat = self.arena, self.seat
         if not unique:
             self._register(ent)
-        elif ent.answered == unique:
+            return
+        if ent.answered == unique:
             self._commit(ent, unique)
-        elif self.arena.pending_length(self.seat) and \
-                self.arena.attempts(self.seat) >= MAX_ATTEMPTS:
+            return
+        in_seat = bool(arena.pending_length(seat)) and arena.last_unique(seat) == unique
+        if in_seat and arena.attempts(seat) >= MAX_ATTEMPTS:
             log.error("request %d crashed %d workers; answering EIO", unique,
-                      self.arena.attempts(self.seat))
-            self.arena.add_poisoned()
+                      arena.attempts(seat))
+            arena.add_poisoned()
             self.entry = ent
             self._reply(unique, -errno.EIO, b"", 0, 0)
             self.entry = None
-            self.arena.clear_seat(self.seat)
-            self.arena.reset_attempts(self.seat)
+            arena.clear_seat(seat)
+            arena.reset_attempts(seat)
+            return
+        parked = not in_seat and _is_kick(ent)
+        log.log(logging.DEBUG if parked else logging.WARNING,
+                "answering request %d left in ring entry %d by a previous worker%s",
+                unique, ent.qid, " (parked for us)" if parked else "")
+        if in_seat:
+            self.entry = ent
+            try:
+                self.handle()
+            finally:
+                self.entry = None
         else:
-            parked = bytes(ent.payload[:len(KICK_NAME)]) == KICK_NAME.encode()
-            log.log(logging.DEBUG if parked else logging.WARNING,
-                    "answering request %d left in ring entry %d by a previous worker%s",
-                    unique, ent.qid, " (parked for us)" if parked else "")
             self._take(ent)
-            self.arena.reset_attempts(self.seat)
+        arena.reset_attempts(seat)
 
     # ---- the loop ------------------------------------------------------------------
     def serve(self) -> None:
@@ -234,7 +256,17 @@ class RingWorker(Worker):
             self._recover(ent)
         ring = self.ring
         try:
-            ring.enter(0, events=False)  # the registrations (complete when requests come)
+            # Submit the registrations and commits. A commit the kernel no longer
+            # expects fails at once (ENOENT), and the entry is registered again: only
+            # when every entry is registered may the kick go, since an entry registered
+            # after it would not take what waits in the queue.
+            for _ in range(4):
+                ring.enter(0)
+                if not ring.completion_ready():
+                    break
+                if not self._completions(by_qid):
+                    return
+            ring.enter(0, events=False)
         except OSError as exc:
             log.error("ring worker %d: io_uring_enter: %s", self.group, exc)
             return
@@ -275,30 +307,39 @@ class RingWorker(Worker):
                 log.info("the mount is gone; ring worker %d exits", self.group)
                 return False
             else:
+                self.failures += 1
+                if self.failures > MAX_FAILURES:
+                    raise uring.UringError(-res, f"ring entry {ent.qid}: registering "
+                                           f"failed {self.failures} times in a row")
                 log.error("ring entry %d: %s; registering it again", ent.qid,
                           os.strerror(-res))
+                time.sleep(min(1.0, 0.01 * 2 ** self.failures))
                 self._register(ent)
+                continue
+            if res >= 0:
+                self.failures = 0
         return True
 
     def _await_handover(self) -> None:
         """A reload started us in the seat of a running ring worker: wait until it has
-        parked its entries (see _park_for_successor), then take them over."""
-        if self.arena.ring_handover(self.seat) != HANDOVER_ASKED:
-            return
-        deadline = time.monotonic() + HANDOVER_WAIT_S
-        while self.arena.ring_handover(self.seat) == HANDOVER_ASKED \
-                and time.monotonic() < deadline and not self.stopping:
+        parked its entries (see _park_for_successor) or died (the supervisor then says
+        so for it), then take them over. Not before: two live workers in one seat would
+        share its request buffer."""
+        waited = 0.0
+        while self.arena.ring_handover(self.seat) == HANDOVER_ASKED and not self.stopping:
             time.sleep(0.001)
-        if self.arena.ring_handover(self.seat) == HANDOVER_ASKED:
-            log.warning("ring worker %d: the previous one did not hand over within %.0f s; "
-                        "taking the seat as it is", self.group, HANDOVER_WAIT_S)
+            waited += 0.001
+            if waited >= HANDOVER_WAIT_S:
+                log.warning("ring worker %d: the previous one has not handed over its "
+                            "entries after %.0f s; still waiting", self.group, waited)
+                waited = 0.0
         self.arena.set_ring_handover(self.seat, 0)
 
     def _park_for_successor(self, by_qid: dict[int, Entry]) -> None:
         """Retire for a successor in this seat (a reload). An entry of ours that is free
         when we exit is cancelled by the kernel, and a request handed to it in that
         instant fails; so first each entry is made to hold a request of our own, a lookup
-        of KICK_NAME from a thread on its CPU, left unanswered. Then the kernel hands us
+        of KICK_PREFIX<cpu> from a thread on its CPU, left unanswered. Then the kernel hands us
         nothing more, requests from our CPUs wait in its queues, and the successor
         answers our lookups (our exit waits for that) and carries on."""
         assert self.ring is not None
@@ -309,7 +350,7 @@ class RingWorker(Worker):
                 tids.add(threading.get_native_id())
                 with contextlib.suppress(OSError):
                     os.sched_setaffinity(0, {cpu})
-                    os.stat(os.path.join(self.mountpoint, KICK_NAME))
+                    os.stat(os.path.join(self.mountpoint, f"{KICK_PREFIX}{cpu}"))
 
             threading.Thread(target=look, daemon=True).start()
         held: set[int] = set()
@@ -344,14 +385,14 @@ class RingWorker(Worker):
     @staticmethod
     def _is_own_kick(ent: Entry, tids: set[int]) -> bool:
         _len, opcode, _unique, _node, _uid, _gid, pid, *_ = abi.IN_HEADER.unpack_from(ent.hdr)
-        return opcode == abi.LOOKUP and pid in tids and \
-            bytes(ent.payload[:len(KICK_NAME)]) == KICK_NAME.encode()
+        return opcode == abi.LOOKUP and pid in tids and _is_kick(ent)
 
     def _drain(self, by_qid: dict[int, Entry]) -> None:
         """Stopping (SIGTERM: a reload or a shutdown). Commit what was answered, and
-        answer what the kernel handed us meanwhile, until nothing more comes; then exit
-        at once. A request handed to an entry of ours after that, in the moment before
-        the kernel cancels them at our exit, fails (ECANCELED, docs/operation.md)."""
+        answer what the kernel handed us meanwhile, until nothing more comes; for a
+        reload, park the entries for the successor; then exit at once. On a shutdown, a
+        request handed to an entry of ours in the moment before the kernel cancels it at
+        our exit fails (docs/operation.md, "Limits")."""
         assert self.ring is not None
         signal.setitimer(signal.ITIMER_REAL, 0, 0)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

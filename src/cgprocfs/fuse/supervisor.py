@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cgprocfs.config import Config
-from cgprocfs.fuse.arena import HANDOVER_ASKED, Arena
+from cgprocfs.fuse.arena import HANDOVER_ASKED, HANDOVER_PARKED, Arena
 from cgprocfs.fuse.child import (
     ENV_ARENA_FD,
     ENV_CONFIG,
@@ -233,23 +233,26 @@ class Supervisor:
         """Workers for every seat that holds an unanswered request, then up to the
         configured count, and the sampler; waits until all are serving."""
         arena = self.conn.arena
-        taken = {c.seat for c in self.children.values()}  # a live process answers its own
+        # A live process answers its own seat's request, and so will one due to start.
+        taken = {c.seat for c in self.children.values()} | {d[2] for d in self.delayed}
         seats = {s for s in range(arena.layout.seats)
                  if arena.pending_length(s) and s not in taken}
         ring_seats = {s for s in seats if 0 <= arena.ring_group(s) < self.ring_groups}
         seats -= ring_seats
         serving = len([c for c in self.children.values()
                        if c.role == "worker" and not c.retiring])
+        serving += len([d for d in self.delayed if d[1] == "worker"])
         while serving + len(seats) < self.workers:
             seats.add(self.free_seat(exclude=seats | ring_seats))
         started = [self.spawn("worker", s) for s in sorted(seats)]
         started += [self.spawn("ring", s) for s in sorted(ring_seats)]
         groups = {arena.ring_group(c.seat) for c in self.children.values()
                   if c.role == "ring" and not c.retiring}
+        groups |= {arena.ring_group(seat) for _, role, seat in self.delayed if role == "ring"}
         for group in range(self.ring_groups):
             if group not in groups:
                 started.append(self.spawn("ring", self.free_seat(), group))
-        roles = {c.role for c in self.children.values()}
+        roles = {c.role for c in self.children.values()} | {d[1] for d in self.delayed}
         if "sampler" not in roles:
             started.append(self.spawn("sampler", -1))
         if self.keeper is not None and "sysinfo" not in roles:
@@ -304,6 +307,10 @@ class Supervisor:
                 self.conn.arena.wake_one()
             pending = child.seat >= 0 and self.conn.arena.pending_length(child.seat)
             successor = any(c.seat == child.seat for c in self.children.values())
+            if child.role == "ring" and child.retiring \
+                    and self.conn.arena.ring_handover(child.seat) == HANDOVER_ASKED:
+                # It died before parking its entries: its successor need not wait.
+                self.conn.arena.set_ring_handover(child.seat, HANDOVER_PARKED)
             if self.stopping or (child.retiring and (not pending or successor)):
                 continue
             how = (f"signal {-os.waitstatus_to_exitcode(status)}"

@@ -6,6 +6,9 @@ FAULT_KIND=odd    the first snapshot raises OddCgroupData (odd cgroup data: host
 FAULT_KIND=crash  rendering FAULT_VIEW (default proc/uptime) crashes the worker (SIGSEGV,
                   no core file): a request that crashes every worker (the crash-loop
                   guard answers EIO)
+FAULT_KIND=ring_kill_in_reply  a ring worker answering an OPEN writes the reply's header
+                  over the request in its ring entry, then is SIGKILLed before it marks
+                  the answer complete; once (FAULT_MARKER, a file, says it happened)
 """
 
 import os
@@ -51,3 +54,22 @@ if kind and os.environ.get("CGPROCFS_SEAT"):
             return real_snapshot(self, pid, *args)
 
         resolve.Resolver.snapshot = snapshot  # type: ignore[method-assign]
+
+if kind == "ring_kill_in_reply" and os.environ.get("CGPROCFS_ROLE") == "ring":
+    from cgprocfs.fuse import abi
+    from cgprocfs.fuse.ring_worker import RingWorker
+
+    marker = os.environ["FAULT_MARKER"]
+    real_reply = RingWorker._reply
+
+    def reply_then_die(self, unique, err, payload, opcode, nodeid):  # type: ignore[no-untyped-def]
+        ent = self.entry
+        if opcode == abi.OPEN and ent is not None and not os.path.exists(marker):
+            open(marker, "w").close()
+            ent.payload[:len(payload)] = payload
+            abi.OUT_HEADER.pack_into(ent.hdr, 0, abi.OUT_HEADER_SIZE + len(payload), err,
+                                     unique)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_reply(self, unique, err, payload, opcode, nodeid)
+
+    RingWorker._reply = reply_then_die  # type: ignore[method-assign]
