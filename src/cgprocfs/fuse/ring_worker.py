@@ -241,10 +241,11 @@ class RingWorker(Worker):
             entries = self._map_entries()
             self.ring = uring.Ring(entries=max(2, 2 * len(entries)))
         except OSError as exc:
-            log.error("ring worker %d cannot use io_uring (%s); serving /dev/fuse instead",
-                      self.group, exc)
-            super().serve()
-            return
+            # Not serving /dev/fuse instead: once the kernel uses the ring, requests from
+            # our CPUs reach only our queues' entries. The supervisor starts another ring
+            # worker, with a growing delay if this one keeps failing.
+            log.error("ring worker %d cannot use io_uring: %s", self.group, exc)
+            raise SystemExit(1) from exc
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         self._await_handover()
