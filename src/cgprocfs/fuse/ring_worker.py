@@ -162,7 +162,11 @@ class RingWorker(Worker):
         if end > len(buf):
             payload_sz = len(buf) - abi.IN_HEADER_SIZE - oplen
             end = len(buf)
-        buf[:abi.IN_HEADER_SIZE] = hdr[:abi.IN_HEADER_SIZE]
+        # The length goes in last: a seat holding a request (its length non-zero) must
+        # hold all of it, since a successor answers from it (_recover). Killed before,
+        # the seat is empty and the entry's own buffers are still intact.
+        struct.pack_into("<I", buf, 0, 0)
+        buf[4:abi.IN_HEADER_SIZE] = hdr[4:abi.IN_HEADER_SIZE]
         buf[abi.IN_HEADER_SIZE:abi.IN_HEADER_SIZE + oplen] = \
             hdr[uring.HEADER_OP_IN:uring.HEADER_OP_IN + oplen]
         buf[abi.IN_HEADER_SIZE + oplen:end] = ent.payload[:payload_sz]
