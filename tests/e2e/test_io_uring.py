@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import subprocess
 import time
@@ -22,7 +23,14 @@ from support import (
     run_in_container,
     running_daemon,
 )
-from test_takeover import FAULTS, assert_clean, children, readers, wait_for
+from test_takeover import (
+    FAULTS,
+    assert_clean,
+    children,
+    kill_every_serving_process,
+    readers,
+    wait_for,
+)
 
 from cgprocfs.fuse import uring
 
@@ -174,20 +182,8 @@ def test_sigkill_every_serving_process_20_times_under_load(ring_kernel: None,
     """The takeover test of the /dev/fuse workers, on the ring: 8 readers in 4 cgroups,
     every serving process killed 20 times at random moments; zero errors, zero wrong
     answers, no reader left waiting."""
-    import random
-
-    rng = random.Random(11)
-    kills = 0
     with running_daemon(["--io-uring"]) as d, readers(d, tmp_path) as results:
-        for _ in range(20):
-            time.sleep(rng.uniform(0.05, 0.6))
-            victims = children(d.proc.pid)
-            kills += len(victims)
-            for pid in victims:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            assert wait_for(lambda v=set(victims): len(set(children(d.proc.pid)) - v) >= 5), \
-                d.log()
+        kills = kill_every_serving_process(d, random.Random(11), replaced=5)
         assert d.proc.poll() is None
         served = sum(status(d)["opens_by_seat"][int(s)]
                      for s in status(d)["io_uring"]["seats"])

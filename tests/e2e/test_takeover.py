@@ -108,24 +108,31 @@ def assert_clean(results: list[dict], n: int = 8, kills: int = 0  # type: ignore
     return float(stall)
 
 
+def kill_every_serving_process(d: Daemon, rng: random.Random, replaced: int,
+                               times: int = 20) -> int:
+    """SIGKILL every child of the supervisor `times` times at random moments, each time
+    waiting until at least `replaced` new ones run (the supervisor starts them again at
+    once); returns how many processes were killed."""
+    kills = 0
+    for _ in range(times):
+        time.sleep(rng.uniform(0.05, 0.6))
+        victims = children(d.proc.pid)
+        assert victims, d.log()
+        kills += len(victims)
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert wait_for(lambda v=set(victims): len(set(children(d.proc.pid)) - v)
+                        >= replaced), d.log()
+    return kills
+
+
 def test_sigkill_every_serving_process_20_times_under_load(root_fuse: None,
                                                             tmp_path: Path) -> None:
     """8 readers in 4 cgroups; every worker and the sampler get SIGKILL 20 times at
     random moments: zero errors, zero wrong answers."""
-    rng = random.Random(7)
-    kills = 0
     with running_daemon() as d, readers(d, tmp_path) as results:
-        for _ in range(20):
-            time.sleep(rng.uniform(0.05, 0.6))
-            victims = children(d.proc.pid)
-            assert victims, d.log()
-            kills += len(victims)
-            for pid in victims:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            # Every victim replaced (the supervisor starts them again at once).
-            assert wait_for(lambda v=set(victims): len(set(children(d.proc.pid)) - v) >= 3), \
-                d.log()
+        kills = kill_every_serving_process(d, random.Random(7), replaced=3)
         assert d.proc.poll() is None
     stall = assert_clean(results, kills=kills)
     status = json.loads((d.mountpoint / ".cgprocfs-status").read_text()) \
