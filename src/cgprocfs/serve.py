@@ -125,6 +125,12 @@ def worker_count() -> int:
     return max(2, min(8, os.cpu_count() or 2))
 
 
+def dev_fuse_workers(ring_groups: int) -> int:
+    """Workers reading /dev/fuse: with ring workers, two serve what comes before the ring
+    is ready, FORGETs and INTERRUPTs (two, so that a dying one never leaves none)."""
+    return 2 if ring_groups else worker_count()
+
+
 def ring_worker_count(cfg: Config) -> int:
     """Ring workers for `io_uring = true` (one per CPU, at most 8; each serves the ring
     queues of its share of the CPUs), or 0 where the kernel cannot do it. Turns the fuse
@@ -159,8 +165,6 @@ def serve(opts: ServeOptions) -> int:
 
     mountpoint = cfg.mountpoint
     views = select_views(cfg)
-    workers = worker_count()
-    ring_groups = 0
     state = sv.takeover_state()
     stored = sv.listen_fds()
     keep_mount = False
@@ -179,8 +183,7 @@ def serve(opts: ServeOptions) -> int:
     else:
         prepare_mountpoint(mountpoint)
         ring_groups = ring_worker_count(cfg)
-        if ring_groups:
-            workers = 2  # they serve what comes before the ring is ready, and FORGETs
+        workers = dev_fuse_workers(ring_groups)
         try:
             fuse_fd = mount_fuse(mountpoint, FSNAME, FSNAME)
         except (MountError, OSError) as exc:
@@ -208,13 +211,10 @@ def serve(opts: ServeOptions) -> int:
         except OSError as exc:
             log.warning("%s", exc)
 
-    if conn.arena.ring_groups and not conn.arena.layout.ring_ents:
-        conn.arena.set_ring_groups(0)  # taken over from a build without ring areas
     # A taken-over mount keeps the transport it started with (the kernel cannot turn a
     # connection's ring off, and a ring without its workers would hold requests).
     ring_groups = conn.arena.ring_groups
-    if ring_groups:
-        workers = 2
+    workers = dev_fuse_workers(ring_groups)
     if bool(ring_groups) != cfg.io_uring and (state is not None or keep_mount):
         log.warning("io_uring = %s takes effect at the next start of the service, not at a "
                     "reload", "true" if cfg.io_uring else "false")

@@ -112,6 +112,7 @@ class RingWorker(Worker):
         self.entry: Entry | None = None  # the one whose request is being answered
         self.ring: uring.Ring | None = None
         self.failures = 0  # ring entries that failed in a row (not ENOENT)
+        self.cpus: set[int] = set()  # ours to run on (_pin)
 
     # ---- set-up --------------------------------------------------------------------
     def _map_entries(self) -> list[Entry]:
@@ -133,22 +134,26 @@ class RingWorker(Worker):
     def _pin(self) -> None:
         """Run on our queues' CPUs (those online and allowed), so that a request and its
         caller share a CPU."""
-        cpus = set(self.queues) & os.sched_getaffinity(0)
-        if cpus:
-            os.sched_setaffinity(0, cpus)
+        self.cpus = set(self.queues) & os.sched_getaffinity(0)
+        if self.cpus:
+            os.sched_setaffinity(0, self.cpus)
 
-    def _kick(self) -> None:
-        """A lookup from each of our CPUs: it goes through our entry there, and its
-        commit hands over whatever waited for an entry while this queue had none."""
+    def _kick(self) -> set[int]:
+        """A lookup of KICK_PREFIX<cpu> from a thread on each of our CPUs: it goes
+        through our entry there, and its commit hands over whatever waited for an entry
+        while this queue had none. Returns the threads' ids (they fill it as they
+        start), by which _park_for_successor knows its own lookups."""
+        tids: set[int] = set()
+
         def look(cpu: int) -> None:
-            try:
+            tids.add(threading.get_native_id())
+            with contextlib.suppress(OSError):  # ENOENT, the answer expected
                 os.sched_setaffinity(0, {cpu})
                 os.stat(os.path.join(self.mountpoint, f"{KICK_PREFIX}{cpu}"))
-            except OSError:
-                pass  # ENOENT, the answer expected
 
-        for cpu in set(self.queues) & os.sched_getaffinity(0):
+        for cpu in self.cpus:
             threading.Thread(target=look, args=(cpu,), daemon=True).start()
+        return tids
 
     # ---- requests ------------------------------------------------------------------
     def _take(self, ent: Entry) -> None:
@@ -265,12 +270,8 @@ class RingWorker(Worker):
             # expects fails at once (ENOENT), and the entry is registered again: only
             # when every entry is registered may the kick go, since an entry registered
             # after it would not take what waits in the queue.
-            for _ in range(4):
-                ring.enter(0)
-                if not ring.completion_ready():
-                    break
-                if not self._completions(by_qid):
-                    return
+            if not self._until_quiet(by_qid):
+                return
             ring.enter(0, events=False)
         except OSError as exc:
             log.error("ring worker %d: io_uring_enter: %s", self.group, exc)
@@ -296,13 +297,36 @@ class RingWorker(Worker):
                 return
         self._drain(by_qid)
 
-    def _completions(self, by_qid: dict[int, Entry]) -> bool:
-        """Answer every request the ring has for us; False: the mount is gone."""
+    def _until_quiet(self, by_qid: dict[int, Entry], rounds: int = 4,
+                     hold: tuple[set[int], set[int]] | None = None) -> bool:
+        """Submit what is queued and answer what comes back at once, until nothing does
+        (at most `rounds` times); False: the mount is gone. `hold`: see _completions."""
+        assert self.ring is not None
+        for _ in range(rounds):
+            try:
+                self.ring.enter(0)
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                raise
+            if not self.ring.completion_ready():
+                break
+            if not self._completions(by_qid, hold):
+                return False
+        return True
+
+    def _completions(self, by_qid: dict[int, Entry],
+                     hold: tuple[set[int], set[int]] | None = None) -> bool:
+        """Answer every request the ring has for us; False: the mount is gone. With
+        `hold` (our kick threads' ids, the queues held): a lookup of our own is left
+        unanswered, and its entry counted as held (_park_for_successor)."""
         assert self.ring is not None
         while (done := self.ring.completion()) is not None:
             user_data, res = done
             ent = by_qid[user_data >> 1]
-            if res >= 0:
+            if res >= 0 and hold is not None and self._is_own_kick(ent, hold[0]):
+                hold[1].add(ent.qid)
+            elif res >= 0:
                 self._take(ent)
             elif res == -errno.ENOENT and user_data & 1 == COMMIT:
                 # A commit of a request the kernel no longer expects (answered before
@@ -343,48 +367,23 @@ class RingWorker(Worker):
     def _park_for_successor(self, by_qid: dict[int, Entry]) -> None:
         """Retire for a successor in this seat (a reload). An entry of ours that is free
         when we exit is cancelled by the kernel, and a request handed to it in that
-        instant fails; so first each entry is made to hold a request of our own, a lookup
-        of KICK_PREFIX<cpu> from a thread on its CPU, left unanswered. Then the kernel hands us
-        nothing more, requests from our CPUs wait in its queues, and the successor
-        answers our lookups (our exit waits for that) and carries on."""
+        instant fails; so first each entry is made to hold a request of our own, a
+        lookup of KICK_PREFIX<cpu> from a thread on its CPU (_kick), left unanswered.
+        Then the kernel hands us nothing more, requests from our CPUs wait in its
+        queues, and the successor answers our lookups (our exit waits for that) and
+        carries on."""
         assert self.ring is not None
-        tids: set[int] = set()
-        on_cpus = [q for q in by_qid if q in os.sched_getaffinity(0)]
-        for cpu in on_cpus:
-            def look(cpu: int = cpu) -> None:
-                tids.add(threading.get_native_id())
-                with contextlib.suppress(OSError):
-                    os.sched_setaffinity(0, {cpu})
-                    os.stat(os.path.join(self.mountpoint, f"{KICK_PREFIX}{cpu}"))
-
-            threading.Thread(target=look, daemon=True).start()
+        tids = self._kick()
         held: set[int] = set()
         deadline = time.monotonic() + HANDOVER_WAIT_S / 2
-        while len(held) < len(on_cpus) and time.monotonic() < deadline:
-            try:
-                self.ring.enter(0)
-            except OSError as exc:
-                if exc.errno != errno.EINTR:
-                    break
-            if not self.ring.completion_ready():
-                time.sleep(0.0002)
-                continue
-            while (done := self.ring.completion()) is not None:
-                user_data, res = done
-                ent = by_qid[user_data >> 1]
-                if res >= 0 and self._is_own_kick(ent, tids):
-                    held.add(ent.qid)  # left unanswered: the successor answers it
-                elif res >= 0:
-                    self._take(ent)
-                elif res in (-errno.ENOTCONN, -errno.ECONNABORTED, -errno.ENODEV):
-                    return
-                elif user_data & 1 == COMMIT:
-                    self._register(ent)
-        with contextlib.suppress(OSError):
-            self.ring.enter(0, events=False)  # commits still queued (a deadline passed)
-        if len(held) < len(on_cpus):
+        while len(held) < len(self.cpus) and time.monotonic() < deadline:
+            if not self._until_quiet(by_qid, rounds=1, hold=(tids, held)):
+                return
+            time.sleep(0.0002)
+        self.ring.enter(0, events=False)  # commits still queued (a deadline passed)
+        if len(held) < len(self.cpus):
             log.warning("ring worker %d: %d of %d entries parked for the successor",
-                        self.group, len(held), len(on_cpus))
+                        self.group, len(held), len(self.cpus))
         self.arena.set_ring_handover(self.seat, HANDOVER_PARKED)
 
     @staticmethod
@@ -401,20 +400,10 @@ class RingWorker(Worker):
         assert self.ring is not None
         signal.setitimer(signal.ITIMER_REAL, 0, 0)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for _ in range(1000):
-            try:
-                self.ring.enter(0)
-            except OSError as exc:
-                if exc.errno == errno.EINTR:
-                    continue
-                break
-            if self.ring.completion_ready():
-                if not self._completions(by_qid):
-                    break
-            else:
-                break
-        if self.arena.ring_handover(self.seat) == HANDOVER_ASKED:
-            self._park_for_successor(by_qid)
+        with contextlib.suppress(OSError):
+            if self._until_quiet(by_qid, rounds=1000) \
+                    and self.arena.ring_handover(self.seat) == HANDOVER_ASKED:
+                self._park_for_successor(by_qid)
         logging.shutdown()
         os._exit(0)
 

@@ -158,11 +158,11 @@ class Ring:
         self.cqes_off = p.cq_cqes
         self.sq_tail = _U32.unpack_from(self.sq, p.sq_tail)[0]
         self.cq_head = _U32.unpack_from(self.cq, p.cq_head)[0]
-
-    def close(self) -> None:
-        for m in (self.sq, self.cq, self.sqes):
-            m.close()
-        os.close(self.fd)
+        # SQE i always sits at array slot i, and the bytes of an SQE we never write
+        # (40-47, and the command's unused tail) stay zero: both set once, here.
+        for i in range(p.sq_entries):
+            _U32.pack_into(self.sq, self.sq_array_off + i * 4, i)
+        self.sqes[:] = bytes(len(self.sqes))
 
     def uring_cmd(self, fd: int, cmd_op: int, addr: int, length: int, user_data: int,
                   cmd: bytes) -> None:
@@ -170,11 +170,9 @@ class Ring:
         idx = self.sq_tail & self.sq_mask
         off = idx * SQE_SIZE
         sqes = self.sqes
-        sqes[off:off + SQE_SIZE] = bytes(SQE_SIZE)
         _SQE_HEAD.pack_into(sqes, off, IORING_OP_URING_CMD, 0, 0, fd, cmd_op, 0, addr,
                             length, 0, user_data)
         sqes[off + _CMD_OFF:off + _CMD_OFF + len(cmd)] = cmd
-        _U32.pack_into(self.sq, self.sq_array_off + idx * 4, idx)
         self.sq_tail = (self.sq_tail + 1) & 0xFFFFFFFF
         # x86 and arm64 readers see this store after the SQE's (the kernel reads the tail
         # with acquire semantics; Python's stores are plain memcpy, in program order on
